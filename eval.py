@@ -1,0 +1,539 @@
+"""
+Evaluate a nanoMoCHA checkpoint: greedy answers to LLaVA-style question files,
+scored with the official rules of POPE, GQA and MME (SPEC §9).
+
+    python eval.py --ckpt_dir=out/shapes                        # the three shapes benchmarks
+    python eval.py config/eval_pope.py --ckpt_dir=out/stage2    # real POPE (also eval_gqa.py, eval_mme.py)
+    torchrun --standalone --nproc_per_node=8 eval.py config/eval_gqa.py --ckpt_dir=out/stage2
+    python eval.py --ckpt_dir=out/shapes --image=data/shapes/images/00000.png --question="What shape is this?"
+
+The scorers re-implement, without copying, what LLaVA runs:
+- answering: llava/eval/model_vqa_loader.py ("<image>\n" + question, greedy, answers jsonl);
+- POPE: llava/eval/eval_pope.py;
+- GQA: scripts/convert_gqa_for_eval.py + the GQA release's eval/eval.py;
+- MME: playground/data/eval/MME/convert_answer_to_mme.py + MME's eval_tool/calculation.py.
+Two deliberate differences, both so that nothing is scored by accident: answers are
+matched to questions by id (the official tools pair lines by position, which gives
+the same numbers when the files are complete and in order), and questions without an
+answer are reported (count + ids, and a printed warning) instead of crashing or being
+counted. Every accuracy-like number is a percentage; MME scores are points.
+"""
+import glob
+import json
+import os
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+import data
+
+# -----------------------------------------------------------------------------
+# jsonl files and answer records
+
+def read_jsonl(path):
+    """The records of a jsonl file (blank lines skipped); a bad line names the file and line number."""
+    records = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg}): {line.strip()[:120]!r}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {line.strip()[:120]!r}")
+            records.append(record)
+    return records
+
+# MME asks two questions per image under one question_id, so the question text is part of what
+# identifies a question (its 'text') and the answer to it (whose 'prompt' is that text).
+def question_key(question):
+    return str(question['question_id']), question['text']
+
+def answer_key(answer):
+    return str(answer['question_id']), answer['prompt']
+
+def index_by(records, key, what):
+    """{key(record): record}; a repeated key is an error (a resumed run that answered twice, a merged file)."""
+    index = {}
+    for record in records:
+        k = key(record)
+        if k in index:
+            raise ValueError(f"{what}: question {k} appears twice")
+        index[k] = record
+    return index
+
+def missing_report(benchmark, missing_ids, num_questions):
+    """Questions without an answer are neither right nor wrong: count them, name them, warn."""
+    if missing_ids:
+        shown = ', '.join(str(i) for i in missing_ids[:5]) + (', ...' if len(missing_ids) > 5 else '')
+        print(f"warning: {benchmark}: {len(missing_ids)} of {num_questions} questions have no answer "
+              f"and are not scored ({shown})")
+    return dict(num_missing=len(missing_ids), missing_ids=list(missing_ids))
+
+def percent(numerator, denominator):
+    return 100.0 * numerator / denominator if denominator else None
+
+# -----------------------------------------------------------------------------
+# POPE (llava/eval/eval_pope.py)
+
+POPE_SPLITS = ('random', 'popular', 'adversarial')
+
+def pope_prediction(text):
+    """SPEC §9: the text before the first '.', commas dropped, split on spaces; any word
+    'No', 'not' or 'no' makes it 'no', anything else (even '' or 'NO') is 'yes'."""
+    words = text.split('.')[0].replace(',', '').split(' ')
+    return 'no' if any(word in ('No', 'not', 'no') for word in words) else 'yes'
+
+def yes_no_metrics(predictions, labels):
+    """Accuracy, precision, recall, F1 (yes = positive) and yes-ratio, in percent. A zero denominator
+    (no 'yes' predicted, say) gives 0 for precision/recall/F1 (the official script would divide by zero)."""
+    pairs = list(zip(predictions, labels))
+    tp = sum(p == 'yes' and l == 'yes' for p, l in pairs)
+    fp = sum(p == 'yes' and l == 'no' for p, l in pairs)
+    tn = sum(p == 'no' and l == 'no' for p, l in pairs)
+    fn = sum(p == 'no' and l == 'yes' for p, l in pairs)
+    if not pairs:
+        precision = recall = f1 = None
+    else:
+        precision = percent(tp, tp + fp) or 0.0
+        recall = percent(tp, tp + fn) or 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return dict(accuracy=percent(tp + tn, len(pairs)), precision=precision, recall=recall, f1=f1,
+                yes_ratio=percent(tp + fp, len(pairs)), tp=tp, fp=fp, tn=tn, fn=fn, questions=len(pairs))
+
+def score_pope(answers, question_file, annotation_dir):
+    """POPE per split (annotation_dir/coco_pope_{split}.json, the splits present) and 'f1_avg', the mean F1
+    over them (the paper's POPE number). A split's label lines pair, in order, with the question file's
+    questions of that category (as the official script assumes); answers pair with questions by id."""
+    questions = read_jsonl(question_file)
+    answer_by_id = index_by(answers, lambda a: str(a['question_id']), 'POPE answers')
+    question_ids = {str(q['question_id']) for q in questions}
+    unknown = [qid for qid in answer_by_id if qid not in question_ids]
+    if unknown:
+        raise ValueError(f"POPE: {len(unknown)} answers have question ids not in {question_file}: {unknown[:5]}")
+    results, missing_ids, num_questions = {}, [], 0
+    for split in POPE_SPLITS:
+        label_file = os.path.join(annotation_dir, f'coco_pope_{split}.json')
+        if not os.path.exists(label_file):
+            continue
+        labels = read_jsonl(label_file)  # jsonl despite the .json name
+        split_questions = [q for q in questions if q.get('category') == split]
+        if len(labels) != len(split_questions):
+            raise ValueError(f"{label_file} has {len(labels)} labels but {question_file} has "
+                             f"{len(split_questions)} questions of category {split!r}")
+        predictions, golds = [], []
+        for line_number, (question, label) in enumerate(zip(split_questions, labels), 1):
+            if 'image' in label and label['image'] != question.get('image'):
+                raise ValueError(f"{label_file}:{line_number}: label is for image {label['image']} but the "
+                                 f"{split} question {question['question_id']} is about {question.get('image')}")
+            if label.get('label') not in ('yes', 'no'):
+                raise ValueError(f"{label_file}:{line_number}: expected label 'yes' or 'no', got {label.get('label')!r}")
+            num_questions += 1
+            answer = answer_by_id.get(str(question['question_id']))
+            if answer is None:
+                missing_ids.append(question['question_id'])
+                continue
+            predictions.append(pope_prediction(answer['text']))
+            golds.append(label['label'])
+        results[split] = yes_no_metrics(predictions, golds)
+    if not results:
+        raise FileNotFoundError(f"no coco_pope_{{{','.join(POPE_SPLITS)}}}.json in {annotation_dir}")
+    f1s = [metrics['f1'] for metrics in results.values() if metrics['f1'] is not None]
+    results['f1_avg'] = sum(f1s) / len(f1s) if f1s else None
+    results.update(missing_report('POPE', missing_ids, num_questions))
+    return results
+
+# -----------------------------------------------------------------------------
+# GQA (scripts/convert_gqa_for_eval.py + GQA's eval/eval.py)
+
+def score_gqa(answers, questions_json):
+    """Exact-match accuracy on the balanced questions of a GQA questions JSON (testdev_balanced_questions.json:
+    {qid: {answer, types: {structural, ...}, isBalanced, ...}}). Prediction = answer text with trailing '.'
+    stripped, lower-cased. GQA's eval.py calls a question 'open' when types.structural is 'query' and
+    'binary' otherwise (verify, logical, compare, choose)."""
+    with open(questions_json) as f:
+        questions = json.load(f)
+    answer_by_id = index_by(answers, lambda a: str(a['question_id']), 'GQA answers')
+    unknown = [qid for qid in answer_by_id if qid not in questions]
+    if unknown:
+        raise ValueError(f"GQA: {len(unknown)} answers have question ids not in {questions_json}: {unknown[:5]}")
+    correct = defaultdict(list)  # 'binary' / 'open' -> [bool]
+    missing_ids, num_questions = [], 0
+    for qid, question in questions.items():
+        if not question.get('isBalanced', True):  # eval.py scores the balanced subset only
+            continue
+        num_questions += 1
+        if qid not in answer_by_id:
+            missing_ids.append(qid)
+            continue
+        prediction = answer_by_id[qid]['text'].rstrip('.').lower()
+        answer_type = 'open' if question['types']['structural'] == 'query' else 'binary'
+        correct[answer_type].append(prediction == question['answer'])
+    every = correct['binary'] + correct['open']
+    return dict(accuracy=percent(sum(every), len(every)),
+                binary=percent(sum(correct['binary']), len(correct['binary'])),
+                open=percent(sum(correct['open']), len(correct['open'])),
+                questions=len(every), **missing_report('GQA', missing_ids, num_questions))
+
+# -----------------------------------------------------------------------------
+# MME (convert_answer_to_mme.py + eval_tool/calculation.py)
+
+MME_PERCEPTION = ('existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene',
+                  'landmark', 'artwork', 'OCR')
+MME_COGNITION = ('commonsense_reasoning', 'numerical_calculation', 'text_translation', 'code_reasoning')
+SHORT_ANSWER = 'Answer the question using a single word or phrase.'  # LLaVA's suffix in llava_mme.jsonl
+YES_OR_NO = ' Please answer yes or no.'  # MME's own suffix in questions_answers_YN
+
+def mme_prediction(text):
+    """SPEC §9 / calculation.py: lower-cased; exactly 'yes'/'no', else 'yes' if 'yes' is in the first
+    four characters, else 'no' if 'no' is (so 'not sure' is 'no'), else 'other' (always wrong)."""
+    text = text.lower()
+    if text in ('yes', 'no'):
+        return text
+    return 'yes' if 'yes' in text[:4] else 'no' if 'no' in text[:4] else 'other'
+
+def read_mme_ground_truth(mme_root):
+    """{(subtask, txt_file, question): 'yes'|'no'} from the MME release. Both of its layouts:
+    <subtask>/images/ + <subtask>/questions_answers_YN/*.txt (artwork, celebrity, landmark, posters, scene)
+    and images and *.txt side by side in <subtask>/ (the others). A line is 'question<TAB>answer'."""
+    truth = {}
+    for subtask in sorted(os.listdir(mme_root)):
+        subtask_dir = os.path.join(mme_root, subtask)
+        if not os.path.isdir(subtask_dir):
+            continue
+        has_images_dir = os.path.isdir(os.path.join(subtask_dir, 'images'))
+        table_dir = os.path.join(subtask_dir, 'questions_answers_YN') if has_images_dir else subtask_dir
+        if not os.path.isdir(table_dir):
+            raise FileNotFoundError(f"{subtask_dir} has images/ but no questions_answers_YN/")
+        for txt_file in sorted(os.listdir(table_dir)):
+            if not txt_file.endswith('.txt'):
+                continue
+            path = os.path.join(table_dir, txt_file)
+            with open(path) as f:
+                for line_number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    fields = line.strip().split('\t')
+                    if len(fields) != 2 or fields[1].lower() not in ('yes', 'no'):
+                        raise ValueError(f"{path}:{line_number}: expected 'question<TAB>yes|no', got {line.strip()!r}")
+                    truth[(subtask, txt_file, fields[0])] = fields[1].lower()
+    if not truth:
+        raise FileNotFoundError(f"no MME questions_answers_YN tables under {mme_root}")
+    return truth
+
+def mme_table_key(answer, truth):
+    """The (subtask, txt_file, question) row an answer belongs to, as convert_answer_to_mme.py finds it:
+    question_id is '<subtask>/<image file>', the table is '<image name up to the first dot>.txt', and the
+    prompt loses LLaVA's short-answer line and regains MME's ' Please answer yes or no.' (with two spaces
+    before it where the table has two)."""
+    question_id = str(answer['question_id'])
+    subtask = question_id.split('/')[0]
+    txt_file = question_id.split('/')[-1].split('.')[0] + '.txt'
+    question = answer['prompt']
+    if SHORT_ANSWER in question:
+        question = question.replace(SHORT_ANSWER, '').strip()
+    if YES_OR_NO.strip() not in question:
+        question = question + YES_OR_NO
+        if (subtask, txt_file, question) not in truth:
+            question = question.replace(YES_OR_NO, ' ' + YES_OR_NO)
+    return subtask, txt_file, question
+
+def score_mme(answers, mme_root):
+    """Per subtask acc, acc+ (images with all their questions right / images) and score = acc + acc+
+    (percent, i.e. 100·acc + 100·acc+ of calculation.py), plus 'perception' and 'cognition', the sums of
+    the scores of the subtasks present. Images are grouped by name (calculation.py takes consecutive line
+    pairs, the same thing for complete, ordered files); an image with an unanswered question is left out
+    of acc+."""
+    truth = read_mme_ground_truth(mme_root)
+    prediction_by_row = {}
+    for answer in answers:
+        row = mme_table_key(answer, truth)
+        if row not in truth:
+            raise ValueError(f"MME answer to question {answer['question_id']} {answer['prompt']!r} matches no "
+                             f"line of {row[1]} in {os.path.join(mme_root, row[0])}")
+        if row in prediction_by_row:
+            raise ValueError(f"MME answers: question {answer['question_id']} {answer['prompt']!r} appears twice")
+        prediction_by_row[row] = mme_prediction(answer['text'])
+    image_rows = defaultdict(list)  # (subtask, txt_file) -> [(gold, prediction or None)]
+    missing_ids = []
+    for (subtask, txt_file, question), gold in truth.items():
+        prediction = prediction_by_row.get((subtask, txt_file, question))
+        if prediction is None:
+            missing_ids.append(f"{subtask}/{txt_file[:-len('.txt')]}: {question}")
+        image_rows[(subtask, txt_file)].append((gold, prediction))
+    subtasks = {}
+    for subtask in sorted({s for s, _ in image_rows}):
+        images = [rows for (s, _), rows in image_rows.items() if s == subtask]
+        answered = [(gold, pred) for rows in images for gold, pred in rows if pred is not None]
+        complete_images = [rows for rows in images if all(pred is not None for _, pred in rows)]
+        acc = percent(sum(gold == pred for gold, pred in answered), len(answered))
+        acc_plus = percent(sum(all(gold == pred for gold, pred in rows) for rows in complete_images),
+                           len(complete_images))
+        subtasks[subtask] = dict(acc=acc, acc_plus=acc_plus,
+                                 score=None if acc is None or acc_plus is None else acc + acc_plus,
+                                 questions=len(answered), images=len(complete_images),
+                                 other=sum(pred == 'other' for _, pred in answered))
+    def total(names):
+        scores = [subtasks[name]['score'] for name in names if name in subtasks and subtasks[name]['score'] is not None]
+        return sum(scores) if scores else None
+    return dict(perception=total(MME_PERCEPTION), cognition=total(MME_COGNITION), subtasks=subtasks,
+                **missing_report('MME', missing_ids, len(truth)))
+
+# -----------------------------------------------------------------------------
+# answering: batched greedy decoding, sharded over torchrun ranks, resumable
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts, images, max_new_tokens):
+    """Greedy answers (stripped strings) to a batch of prompts (lists of token ids), left-padded (SPEC §6).
+    images: one uint8 [3, S, S] per prompt holding the <image> placeholder, in batch order."""
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else eos_id  # Phi-2's tokenizer has no pad token
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to left-pad prompts with")
+    device = next(model.parameters()).device
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, longest - len(prompt):] = 1
+    image_batch = torch.stack(images).to(device) if images else None  # (n_img, 3, S, S)
+    new_ids = model.generate(input_ids.to(device), attention_mask.to(device), image_batch,
+                             max_new_tokens=max_new_tokens)  # (B, T_new), eos/pad after the end
+    answers = []
+    for ids in new_ids.tolist():
+        ends = [ids.index(t) for t in (eos_id, pad_id) if t is not None and t in ids]
+        answers.append(tokenizer.decode(ids[:min(ends, default=len(ids))], skip_special_tokens=True).strip())
+    return answers
+
+def question_image(question, image_folder, image_size, question_file):
+    path = os.path.join(image_folder, question['image'])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{question_file}: question {question['question_id']}: image not found: {path}")
+    return data.load_image(path, image_size)
+
+def answer_questions(model, tokenizer, question_file, image_folder, answers_file, template=None,
+                     batch_size=8, max_new_tokens=128, image_size=None, model_id='nanomocha'):
+    """Answer a LLaVA question jsonl ({question_id, image?, text}) into a LLaVA answers jsonl
+    ({question_id, prompt, text, answer_id, model_id, metadata}), in question order.
+    Resumable: questions already answered in answers_file (or in shard files left by an interrupted run)
+    are skipped, and new answers are appended. Under torchrun each rank answers every world_size-th
+    remaining question into answers_file.rank{r}; after a barrier rank 0 appends them in question order
+    and deletes the shards. template / image_size default to the model's config. answer_id is the
+    question's line index, so runs with any number of ranks write the same file."""
+    template = template or model.config.template
+    image_size = image_size or model.config.image_size
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    questions = read_jsonl(question_file)
+    question_keys = list(index_by(questions, question_key, question_file))
+    done = set()
+    for path in [answers_file] + answer_shards(answers_file):
+        if os.path.exists(path):
+            done |= {answer_key(a) for a in read_jsonl(path)}
+    barrier()  # every rank has read the shards before any rank appends to its own
+    todo = [(index, q) for index, (key, q) in enumerate(zip(question_keys, questions)) if key not in done]
+    if rank == 0 and done:
+        print(f"{answers_file}: resuming, {len(questions) - len(todo)} questions already answered, {len(todo)} to go")
+    os.makedirs(os.path.dirname(answers_file) or '.', exist_ok=True)
+    was_training = model.training
+    model.eval()
+    my_todo = todo[rank::world_size]
+    with open(f'{answers_file}.rank{rank}', 'a') as shard:
+        for start in range(0, len(my_todo), batch_size):
+            batch = my_todo[start:start + batch_size]
+            prompts, images = [], []
+            for _, question in batch:
+                text = question['text']
+                if question.get('image'):  # LLaVA puts the image first: "<image>\n" + question
+                    images.append(question_image(question, image_folder, image_size, question_file))
+                    text = text if '<image>' in text else '<image>\n' + text
+                prompts.append(data.build_prompt(text, tokenizer, template))
+            texts = generate_answers(model, tokenizer, prompts, images, max_new_tokens)
+            for (index, question), text in zip(batch, texts):
+                record = dict(question_id=question['question_id'], prompt=question['text'], text=text,
+                              answer_id=index, model_id=model_id, metadata={})
+                shard.write(json.dumps(record) + '\n')
+            shard.flush()
+    model.train(was_training)
+    barrier()
+    if rank == 0:
+        merge_answer_shards(answers_file, question_keys)
+    barrier()
+
+def answer_shards(answers_file):
+    return sorted(glob.glob(glob.escape(answers_file) + '.rank*'))
+
+def merge_answer_shards(answers_file, question_keys):
+    """Append the shards' answers that answers_file lacks, in question order; delete the shards."""
+    done = {answer_key(a) for a in read_jsonl(answers_file)} if os.path.exists(answers_file) else set()
+    new = {}
+    for path in answer_shards(answers_file):
+        new.update({answer_key(a): a for a in read_jsonl(path) if answer_key(a) not in done})
+    order = {key: i for i, key in enumerate(question_keys)}
+    with open(answers_file, 'a') as f:
+        for key in sorted(new, key=lambda k: order.get(k, len(order))):
+            f.write(json.dumps(new[key]) + '\n')
+    for path in answer_shards(answers_file):
+        os.remove(path)
+
+# -----------------------------------------------------------------------------
+# one benchmark end to end, the shapes benchmarks, the results table
+
+# the files each benchmark needs: the questions and images to answer, then what its scorer reads
+BENCHMARK_FILES = {
+    'pope': ('question_file', 'image_folder', 'annotation_dir'),
+    'gqa': ('question_file', 'image_folder', 'questions_json'),
+    'mme': ('question_file', 'image_folder', 'mme_root'),
+}
+
+def score_benchmark(benchmark, answers, files):
+    """files: the benchmark's own files, the keys named like the scorers' arguments."""
+    if benchmark == 'pope':
+        return score_pope(answers, files['question_file'], files['annotation_dir'])
+    if benchmark == 'gqa':
+        return score_gqa(answers, files['questions_json'])
+    return score_mme(answers, files['mme_root'])
+
+def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_new_tokens, model_id='nanomocha'):
+    """Answer files['question_file'] into out_dir/{benchmark}_answers.jsonl and score it (rank 0; None elsewhere)."""
+    if benchmark not in BENCHMARK_FILES:
+        raise ValueError(f"unknown benchmark {benchmark!r}, expected one of {sorted(BENCHMARK_FILES)} or 'shapes'")
+    for name in BENCHMARK_FILES[benchmark]:  # check before hours of answering, not after
+        if not files.get(name) or not os.path.exists(files[name]):
+            raise FileNotFoundError(f"{benchmark}: {name} {files.get(name)!r} does not exist")
+    answers_file = os.path.join(out_dir, f'{benchmark}_answers.jsonl')
+    answer_questions(model, tokenizer, files['question_file'], files['image_folder'], answers_file,
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return score_benchmark(benchmark, read_jsonl(answers_file), files)
+
+def shapes_files(shapes_dir):
+    """Where data.prepare_shapes puts each shapes benchmark (LLaVA's playground/data/eval layout)."""
+    eval_dir = os.path.join(shapes_dir, 'eval')
+    pope, gqa, mme = (os.path.join(eval_dir, name) for name in ('pope', 'gqa', 'mme'))
+    return {
+        'pope': dict(question_file=os.path.join(pope, 'llava_pope_test.jsonl'),
+                     image_folder=os.path.join(pope, 'val2014'),
+                     annotation_dir=os.path.join(pope, 'coco')),
+        'gqa': dict(question_file=os.path.join(gqa, 'llava_gqa_testdev_balanced.jsonl'),
+                    image_folder=os.path.join(gqa, 'images'),
+                    questions_json=os.path.join(gqa, 'testdev_balanced_questions.json')),
+        'mme': dict(question_file=os.path.join(mme, 'llava_mme.jsonl'),
+                    image_folder=os.path.join(mme, 'MME_Benchmark_release_version'),
+                    mme_root=os.path.join(mme, 'MME_Benchmark_release_version')),
+    }
+
+def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_new_tokens=16, model_id='nanomocha'):
+    """Answer and score the three shapes benchmarks; answers and results.json go to out_dir.
+    Resumable like answer_questions, so give a fresh out_dir to a new checkpoint.
+    Returns {'pope': ..., 'gqa': ..., 'mme': ...} on rank 0, None on the other ranks."""
+    results = {}
+    for benchmark, files in shapes_files(shapes_dir).items():
+        results[benchmark] = run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
+                                           max_new_tokens, model_id)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    write_results(results, out_dir)
+    return results
+
+def write_results(results, out_dir):
+    print(results_table(results))
+    path = os.path.join(out_dir, 'results.json')
+    with open(path, 'w') as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")
+
+def results_table(results):
+    """The headline numbers, one line each (None: nothing answered)."""
+    rows = []
+    for benchmark, metrics in results.items():
+        if benchmark == 'pope':
+            rows.append(('POPE', 'F1 (mean of splits)', metrics['f1_avg']))
+            for split in POPE_SPLITS:
+                if split in metrics:
+                    for name in ('accuracy', 'f1', 'yes_ratio'):
+                        rows.append(('POPE', f'{split} {name}', metrics[split][name]))
+        elif benchmark == 'gqa':
+            for name in ('accuracy', 'binary', 'open'):
+                rows.append(('GQA', name, metrics[name]))
+        elif benchmark == 'mme':
+            rows.append(('MME', 'perception', metrics['perception']))
+            rows.append(('MME', 'cognition', metrics['cognition']))
+            for subtask, sub in metrics['subtasks'].items():
+                rows.append(('MME', f'{subtask} score', sub['score']))
+        rows.append((benchmark.upper(), 'unanswered questions', metrics['num_missing']))
+    lines = [f"{'benchmark':<10} {'metric':<28} {'value':>9}"]
+    for benchmark, name, value in rows:
+        shown = '-' if value is None else f'{value:9.2f}' if isinstance(value, float) else f'{value:9d}'
+        lines.append(f"{benchmark:<10} {name:<28} {shown:>9}")
+    return '\n'.join(lines)
+
+# -----------------------------------------------------------------------------
+# the command line (nanoGPT style: module globals, overridden by config/eval_*.py and --key=value)
+
+if __name__ == '__main__':
+    # checkpoint and output
+    ckpt_dir = 'out/shapes'  # a MoCHA.save_pretrained directory
+    out_dir = ''  # answers + results.json; '' means {ckpt_dir}/eval_{benchmark}
+    # what to evaluate
+    benchmark = 'shapes'  # 'shapes' (all three shapes benchmarks) | 'pope' | 'gqa' | 'mme'
+    shapes_dir = 'data/shapes'  # written by `python data.py`
+    question_file = ''  # a LLaVA question jsonl (real benchmarks; see config/eval_*.py)
+    image_folder = ''
+    annotation_dir = ''  # POPE: the folder of coco_pope_{random,popular,adversarial}.json
+    questions_json = ''  # GQA: testdev_balanced_questions.json
+    mme_root = ''  # MME: MME_Benchmark_release_version
+    # single-image mode: print the answer to one question about one image
+    image = ''
+    question = 'What is in the image?'
+    # decoding
+    batch_size = 16
+    max_new_tokens = 128  # LLaVA's default; benchmark answers are a word or two
+    # system
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+    exec(open('configurator.py').read())  # overrides from the command line or a config file
+    # -----------------------------------------------------------------------------
+    from transformers import AutoTokenizer
+    from mocha import MoCHA  # imported here so that train.py and the tests can import the scorers cheaply
+
+    ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        if device.startswith('cuda'):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    master_process = not ddp or dist.get_rank() == 0
+    device_type = 'cuda' if 'cuda' in device else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+    model = MoCHA.from_pretrained(ckpt_dir).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model.config.tokenizer or model.config.llm)
+    model_id = os.path.basename(os.path.normpath(ckpt_dir))
+    out_dir = out_dir or os.path.join(ckpt_dir, f'eval_{benchmark}')
+
+    with ctx:
+        if image:
+            if master_process:
+                prompt = data.build_prompt('<image>\n' + question, tokenizer, model.config.template)
+                picture = data.load_image(image, model.config.image_size)
+                print(generate_answers(model, tokenizer, [prompt], [picture], max_new_tokens)[0])
+        elif benchmark == 'shapes':
+            evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size, max_new_tokens, model_id)
+        else:
+            files = dict(question_file=question_file, image_folder=image_folder, annotation_dir=annotation_dir,
+                         questions_json=questions_json, mme_root=mme_root)
+            results = {benchmark: run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
+                                                max_new_tokens, model_id)}
+            if master_process:
+                write_results(results, out_dir)
+    if ddp:
+        dist.destroy_process_group()

@@ -1,0 +1,524 @@
+"""
+MoCHA in one file: four frozen vision encoders, one Mixture-of-Experts
+Connector (MoEC) per encoder, Hierarchical Group Attention (HGA) over the
+appended visual tokens, and a Hugging Face causal LM.
+
+References:
+1) the paper, "MoCHA: Advanced Vision-Language Reasoning with MoE Connector
+   and Hierarchical Group Attention", arXiv 2507.22805 (equation numbers below);
+2) the authors' released code, where it disagrees with the paper
+   (../shared/SPEC.md says which one we follow and why);
+3) LLaVA-1.5, whose connector, data format and image splice MoCHA reuses.
+
+    image ─┬─ SigLIP   ─► MoEC ─┐
+           ├─ ConvNeXt ─► MoEC ─┤ append (Eq. 6)   HGA (Eqs. 7-9)   splice at <image>
+           ├─ CLIP     ─► MoEC ─┼──────────────► ─────────────► ─────────────────► LLM
+           └─ DINOv2   ─► MoEC ─┘
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+IMAGE_TOKEN_ID = -200  # LLaVA's <image> placeholder inside input_ids: no real token can have it
+IGNORE_INDEX = -100    # labels that the LM loss skips
+
+# -----------------------------------------------------------------------------
+# The four encoders as one table of facts (SPEC §2). Three ways to build each:
+#   'pretrained': public weights by id, or a local dir/file holding them;
+#   'random':     the full-size architecture with random weights, no network;
+#   'tiny':       a small model of the same family (tests, the shapes world).
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+ENCODER_SPECS = {
+    'siglip': dict(
+        library='transformers', model_class='SiglipVisionModel', config_class='SiglipVisionConfig',
+        pretrained='google/siglip-large-patch16-384', mean=SIGLIP_MEAN, std=SIGLIP_STD,
+        num_prefix_tokens=0,  # SigLIP has no CLS token
+        full=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=384, patch_size=16),
+        tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=64, patch_size=8)),
+    'convnext': dict(
+        library='open_clip', arch='convnext_xxlarge',
+        pretrained='laion2b_s34b_b82k_augreg_soup', mean=CLIP_MEAN, std=CLIP_STD,
+        stride=32, channel_pool=3,  # 3072 channels avg-pooled in threes -> 1024
+        full=None,  # open_clip ships the convnext_xxlarge config
+        tiny=dict(embed_dim=32,  # an open_clip model config: timm's smallest ConvNeXt, 320 channels
+                  vision_cfg=dict(timm_model_name='convnext_atto', timm_model_pretrained=False,
+                                  timm_pool='', timm_proj='linear', image_size=64),
+                  text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)),
+        tiny_channel_pool=5),  # 320 -> 64 channels, the tiny ViTs' width
+    'clip': dict(
+        library='transformers', model_class='CLIPVisionModel', config_class='CLIPVisionConfig',
+        pretrained='openai/clip-vit-large-patch14-336', mean=CLIP_MEAN, std=CLIP_STD,
+        num_prefix_tokens=1,  # drop CLS
+        full=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=64, patch_size=8)),
+    'dinov2': dict(
+        library='transformers', model_class='Dinov2Model', config_class='Dinov2Config',
+        pretrained='facebook/dinov2-large', mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        num_prefix_tokens=1,  # drop CLS (dinov2-large has no register tokens)
+        full=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+                  image_size=518, patch_size=14),
+        tiny=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                  image_size=64, patch_size=8)),
+}
+ENCODER_ORDER = ('siglip', 'convnext', 'clip', 'dinov2')  # the append order of Eq. 6
+
+# The LLMs: public id -> architecture, so the full-size model is buildable offline.
+LLM_SPECS = {
+    'microsoft/phi-2': ('PhiConfig', dict(
+        vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=2048, partial_rotary_factor=0.4,
+        bos_token_id=50256, eos_token_id=50256)),
+    'lmsys/vicuna-7b-v1.5': ('LlamaConfig', dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)),
+}
+TINY_LLM = ('LlamaConfig', dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4,
+                                max_position_embeddings=1024, tie_word_embeddings=False))
+
+
+@dataclass
+class MoCHAConfig:
+    encoders: tuple = ENCODER_ORDER        # any subset, appended in ENCODER_ORDER
+    encoder_source: str = 'pretrained'     # 'pretrained' | 'random' | 'tiny'
+    encoder_paths: dict = field(default_factory=dict)  # name -> HF id / local dir / open_clip tag or file
+    encoder_resolution: dict = field(default_factory=lambda: {n: 336 for n in ENCODER_ORDER})
+    feature_layer: int = -2                # penultimate layer of the ViTs (SPEC §2)
+    image_size: int = 336                  # the one square resolution the data pipeline produces
+    train_encoders: bool = False           # the shapes world's knob: its tiny encoders have no pretrained weights
+    fusion: str = 'sequence'               # 'sequence' (Eq. 6) | 'channel' (the ablation)
+    num_experts: int = 4                   # E; 1 expert + top_k 1 is LLaVA's MLP connector
+    top_k: int = 2                         # k, Table 6
+    hga: bool = True                       # off = identity (ablation)
+    k_intra: int = 7                       # int(0.7 * 10), the released value
+    k_inter: int = 3
+    llm: str = 'microsoft/phi-2'           # HF id or local dir
+    llm_source: str = 'pretrained'         # 'pretrained' | 'random' | 'tiny'
+    tokenizer: str = None                  # HF id or dir; defaults to llm
+    template: str = 'phi'                  # conversation template (data.py)
+    balance_coef: float = 0.1              # Eq. 10
+    z_coef: float = 0.01                   # Eq. 10
+
+# -----------------------------------------------------------------------------
+# Encoders (Eq. 1): F_g = E_g(I) for each encoder g
+
+
+def build_backbone(name, source, path=None):
+    """One encoder's backbone, built the same way whatever the source."""
+    spec = ENCODER_SPECS[name]
+    if spec['library'] == 'transformers':
+        import transformers
+        model_class = getattr(transformers, spec['model_class'])
+        if source == 'pretrained':
+            return model_class.from_pretrained(path or spec['pretrained'])
+        config_class = getattr(transformers, spec['config_class'])
+        return model_class(config_class(**spec['full' if source == 'random' else 'tiny']))
+    import open_clip
+    if source == 'pretrained':
+        path = path or spec['pretrained']
+        if os.path.isdir(path):  # open_clip_config.json + weights
+            return open_clip.create_model('local-dir:' + path).visual.trunk
+        return open_clip.create_model(spec['arch'], pretrained=path).visual.trunk  # a tag or a checkpoint file
+    model_cfg = open_clip.get_model_config(spec['arch']) if source == 'random' else spec['tiny']
+    return open_clip.CLIP(**model_cfg).visual.trunk  # only the timm trunk is kept
+
+
+class Encoder(nn.Module):
+    """One vision encoder: own resize + normalisation, features of one layer, [B, N_g, d_enc] out."""
+
+    def __init__(self, name, source, resolution, feature_layer=-2, path=None):
+        super().__init__()
+        spec = ENCODER_SPECS[name]
+        self.name, self.resolution, self.feature_layer = name, resolution, feature_layer
+        self.backbone = build_backbone(name, source, path)
+        self.register_buffer('mean', torch.tensor(spec['mean']).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(spec['std']).view(1, 3, 1, 1), persistent=False)
+        if spec['library'] == 'open_clip':
+            self.channel_pool = spec['tiny_channel_pool'] if source == 'tiny' else spec['channel_pool']
+            self.num_tokens = (resolution // spec['stride']) ** 2
+            self.dim = self.backbone.num_features // self.channel_pool
+        else:
+            config = self.backbone.config
+            self.num_prefix_tokens = spec['num_prefix_tokens']
+            self.num_tokens = (resolution // config.patch_size) ** 2
+            self.dim = config.hidden_size
+            # SigLIP/CLIP embed positions for their native size; other sizes need interpolation
+            # (DINOv2 always interpolates and takes no such flag)
+            self.interpolate = name != 'dinov2' and resolution != config.image_size
+
+    def forward(self, images):  # images: [B, 3, S, S] float in [0, 1]
+        pixels = F.interpolate(images, size=(self.resolution, self.resolution), mode='bicubic',
+                               align_corners=False, antialias=True) if images.shape[-1] != self.resolution else images
+        pixels = (pixels - self.mean) / self.std
+        if hasattr(self, 'channel_pool'):
+            feature_map = self.backbone.forward_features(pixels)                  # [B, C, h, w]
+            tokens = feature_map.flatten(2).transpose(1, 2)                      # [B, h*w, C]
+            return F.avg_pool1d(tokens, self.channel_pool, self.channel_pool)    # [B, h*w, C/pool]
+        kwargs = {'interpolate_pos_encoding': True} if self.interpolate else {}
+        outputs = self.backbone(pixel_values=pixels, output_hidden_states=True, **kwargs)
+        return outputs.hidden_states[self.feature_layer][:, self.num_prefix_tokens:]  # [B, N_g, d_enc]
+
+
+class Encoders(nn.Module):
+    """Any subset of the four encoders, in ENCODER_ORDER. Frozen unless `trainable`."""
+
+    def __init__(self, names, source='pretrained', resolution=None, feature_layer=-2, paths=None,
+                 trainable=False):
+        super().__init__()
+        unknown = [n for n in names if n not in ENCODER_SPECS]
+        if unknown or not names:
+            raise ValueError(f"unknown encoder(s) {unknown or names}; choose from {list(ENCODER_SPECS)}")
+        if source not in ('pretrained', 'random', 'tiny'):
+            raise ValueError(f"encoder source must be 'pretrained', 'random' or 'tiny', got {source!r}")
+        resolution, paths = resolution or {}, paths or {}
+        names = [n for n in ENCODER_ORDER if n in names]
+        self.encoders = nn.ModuleDict({n: Encoder(n, source, resolution.get(n, 336), feature_layer,
+                                                  paths.get(n)) for n in names})
+        self.trainable = trainable
+        self.requires_grad_(trainable)
+        self.train(False)
+
+    def train(self, mode=True):
+        return super().train(mode and self.trainable)  # frozen encoders stay in eval mode
+
+    @property
+    def group_sizes(self):
+        return [e.num_tokens for e in self.encoders.values()]
+
+    @property
+    def dims(self):
+        return [e.dim for e in self.encoders.values()]
+
+    def forward(self, images):  # [B, 3, S, S] uint8, or float in [0, 1]
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        elif not images.is_floating_point():
+            raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return [encoder(images) for encoder in self.encoders.values()]  # each [B, N_g, d_enc]
+
+# -----------------------------------------------------------------------------
+# MoEC: mixture-of-experts connector (Eqs. 2-5), one per encoder
+
+
+class MoEC(nn.Module):
+    """Top-k routed experts, each LLaVA's mlp2x_gelu: Linear -> GELU -> Linear.
+    State-dict layout as released: gate.weight, experts.{i}.0.*, experts.{i}.2.*"""
+
+    def __init__(self, d_in, d_out, num_experts=4, top_k=2):
+        super().__init__()
+        assert 1 <= top_k <= num_experts, f"top_k={top_k} must be in [1, num_experts={num_experts}]"
+        self.top_k = top_k
+        self.gate = nn.Linear(d_in, num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out)) for _ in range(num_experts))
+
+    def forward(self, x):  # x: [B, N, d_in]
+        B, N, _ = x.shape
+        E, k = len(self.experts), self.top_k
+        # Eq. 2: p = softmax(W_g x), in float32 so routing is the same under bf16 autocast
+        router_logits = self.gate(x).float()                                  # [B, N, E]
+        probs = router_logits.softmax(dim=-1)
+        # Eq. 3: keep the k largest p per token and renormalise them to sum to 1
+        top_probs, top_experts = probs.topk(k, dim=-1)                        # [B, N, k]
+        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        # Eq. 4: y = sum over the selected experts of p_hat_i * E_i(x). Each expert runs once,
+        # on exactly the tokens routed to it (the loop is over E experts, not over images/tokens).
+        tokens = x.reshape(B * N, -1)                                         # [T, d_in]
+        flat_experts, flat_probs = top_experts.reshape(B * N, k), top_probs.reshape(B * N, k)
+        y = None
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = (flat_experts == e).nonzero(as_tuple=True)     # tokens routed to e
+            expert_out = expert(tokens[token_idx]) * flat_probs[token_idx, slot, None]
+            if y is None:
+                y = expert_out.new_zeros(B * N, expert_out.shape[-1])
+            y.index_add_(0, token_idx, expert_out.to(y.dtype))
+        # Eq. 5 (released losses): load balance E^2 * mean_{b,e}(P_be * f_be), per image b,
+        # with P = mean routing probability and f = fraction of tokens whose top-1 expert is e
+        mean_prob = probs.mean(dim=1)                                          # [B, E]
+        top1_fraction = F.one_hot(top_experts[..., 0], E).float().mean(dim=1)  # [B, E]
+        balance_loss = E * E * (mean_prob * top1_fraction).mean()
+        # router z-loss keeps the logits small: mean(logsumexp(logits)^2)
+        z_loss = router_logits.logsumexp(dim=-1).pow(2).mean()
+        return y.view(B, N, -1), balance_loss, z_loss
+
+    @torch.no_grad()
+    def upcycle_from(self, mlp_state_dict):
+        """Table 4: every expert starts as a copy of a trained MLP connector. Takes LLaVA's
+        mm_projector layout ('0.weight', '2.bias', ...) or a 1-expert MoEC's ('experts.0.0.weight', ...)."""
+        mlp = {k.removeprefix('experts.0.'): v for k, v in mlp_state_dict.items() if k != 'gate.weight'}
+        for expert in self.experts:
+            expert.load_state_dict(mlp)
+        return self
+
+# -----------------------------------------------------------------------------
+# HGA: hierarchical group attention (Eqs. 7-9), parameter-free
+
+
+class HGA(nn.Module):
+    """Each token attends to its k_intra most similar tokens of its own encoder group and its
+    k_inter most similar tokens of the other groups; a gate mixes the result back in.
+    The whole batch at once: the released per-image, per-group loops become masked top-k."""
+
+    def __init__(self, k_intra=7, k_inter=3, enabled=True):
+        super().__init__()
+        self.k_intra, self.k_inter, self.enabled = k_intra, k_inter, enabled
+
+    def forward(self, x, group_sizes):  # x: [B, N, D]; group_sizes sum to N
+        B, N, D = x.shape
+        if sum(group_sizes) != N:
+            raise ValueError(f"group sizes {list(group_sizes)} sum to {sum(group_sizes)}, but x has {N} tokens")
+        if not self.enabled:
+            return x
+        with torch.autocast(device_type=x.device.type, enabled=False):  # top-k and min-max want float32
+            return self.attend(x.float(), group_sizes).to(x.dtype)
+
+    def attend(self, x, group_sizes):
+        B, N, D = x.shape
+        sizes = torch.tensor(group_sizes, device=x.device)
+        group_of = torch.repeat_interleave(torch.arange(len(group_sizes), device=x.device), sizes)  # [N]
+        same_group = group_of[:, None] == group_of[None, :]                                        # [N, N]
+        # s_ij = cos(x_i, x_j), no self-edges
+        unit = F.normalize(x, dim=-1)
+        sim = unit @ unit.transpose(1, 2)                                                          # [B, N, N]
+        sim = sim.masked_fill(torch.eye(N, dtype=torch.bool, device=x.device), float('-inf'))
+        # Eq. 7 (intra) and Eq. 8 (inter): per-token top-k, clamped to what exists for its group
+        token_size = sizes[group_of]                                                               # [N]
+        intra = self.top_edges(sim.masked_fill(~same_group, float('-inf')),
+                               (token_size - 1).clamp(max=self.k_intra))
+        inter = self.top_edges(sim.masked_fill(same_group, float('-inf')),
+                               (N - token_size).clamp(max=self.k_inter))
+        edge_sim = torch.cat([intra[0], inter[0]], dim=-1)                                         # [B, N, K]
+        edge_dst = torch.cat([intra[1], inter[1]], dim=-1)
+        edge_kept = torch.cat([intra[2], inter[2]], dim=-1)
+        # min-max normalise all kept edges of an image together: w = (s - min) / (max - min + 1e-8)
+        lowest = edge_sim.masked_fill(~edge_kept, float('inf')).amin(dim=(1, 2), keepdim=True)
+        highest = edge_sim.masked_fill(~edge_kept, float('-inf')).amax(dim=(1, 2), keepdim=True)
+        weights = torch.where(edge_kept, (edge_sim - lowest) / (highest - lowest + 1e-8), 0.0)
+        # symmetric graph: edge i->j also adds j->i with the same weight (both count if both kept)
+        adjacency = x.new_zeros(B, N, N).scatter_add(2, edge_dst, weights)  # [B, N, N]; unkept add 0
+        adjacency = adjacency + adjacency.transpose(1, 2)
+        # a_i = sum_j w_ij x_j / (sum_j w_ij + 1e-8)
+        aggregated = adjacency @ x / (adjacency.sum(-1, keepdim=True) + 1e-8)                    # [B, N, D]
+        # Eq. 9: g_i = sigmoid(10 (mean_d |x_i - a_i| - 0.2)), z_i = (1 - g_i) x_i + g_i a_i
+        gate = torch.sigmoid(10 * ((x - aggregated).abs().mean(-1, keepdim=True) - 0.2))
+        mixed = (1 - gate) * x + gate * aggregated
+        return F.layer_norm(mixed, (D,), eps=1e-5)
+
+    @staticmethod
+    def top_edges(masked_sim, k_per_token):
+        """Top-k similarities per token with a per-token k: the top max(k) and a mask of the ranks kept."""
+        k_max = max(int(k_per_token.max()), 1) if k_per_token.numel() else 1
+        k_max = min(k_max, masked_sim.shape[-1])
+        values, indices = masked_sim.topk(k_max, dim=-1)                                         # [B, N, k_max]
+        kept = torch.arange(k_max, device=values.device) < k_per_token[:, None]                  # [N, k_max]
+        kept = kept.expand_as(values)
+        return values.masked_fill(~kept, 0.0), indices, kept
+
+# -----------------------------------------------------------------------------
+# MoCHA: encoders -> MoECs -> append -> HGA -> splice into the LLM
+
+
+def build_llm(name, source, vocab_size=None):
+    import transformers
+    if source == 'pretrained':
+        return transformers.AutoModelForCausalLM.from_pretrained(name)
+    if source == 'random':
+        if name not in LLM_SPECS:
+            raise ValueError(f"no offline architecture for {name!r}; known: {list(LLM_SPECS)}")
+        config_name, config_kwargs = LLM_SPECS[name]
+    elif source == 'tiny':
+        config_name, config_kwargs = TINY_LLM
+        config_kwargs = dict(config_kwargs, vocab_size=vocab_size)
+    else:
+        raise ValueError(f"llm source must be 'pretrained', 'random' or 'tiny', got {source!r}")
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**config_kwargs))
+
+
+class MoCHA(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tokenizer = None
+        if config.tokenizer or config.llm_source == 'pretrained':
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm)
+        if config.llm_source == 'tiny' and self.tokenizer is None:
+            raise ValueError("a tiny LLM takes its vocabulary from a tokenizer: set config.tokenizer")
+        self.llm = build_llm(config.llm, config.llm_source, self.tokenizer and len(self.tokenizer))
+        self.encoders = Encoders(config.encoders, config.encoder_source, config.encoder_resolution,
+                                 config.feature_layer, config.encoder_paths, config.train_encoders)
+        d_llm = self.llm.config.hidden_size
+        if config.fusion == 'sequence':
+            self.moecs = nn.ModuleDict({name: MoEC(dim, d_llm, config.num_experts, config.top_k)
+                                        for name, dim in zip(self.encoders.encoders, self.encoders.dims)})
+        elif config.fusion == 'channel':  # ablation: one connector over the concatenated channels
+            self.moecs = nn.ModuleDict({'channel': MoEC(sum(self.encoders.dims), d_llm,
+                                                        config.num_experts, config.top_k)})
+        else:
+            raise ValueError(f"fusion must be 'sequence' or 'channel', got {config.fusion!r}")
+        self.hga = HGA(config.k_intra, config.k_inter, enabled=config.hga)
+
+    @property
+    def group_sizes(self):
+        if self.config.fusion == 'channel':
+            return [self.encoders.group_sizes[0]]  # every grid resampled to the first encoder's
+        return self.encoders.group_sizes
+
+    @property
+    def num_visual_tokens(self):
+        return sum(self.group_sizes)
+
+    def encode_images(self, images):
+        """[B, 3, S, S] -> visual embeddings [B, N_vis, d_llm], with the summed router losses."""
+        encoder_tokens = self.encoders(images)                              # Eq. 1: each [B, N_g, d_enc]
+        if self.config.fusion == 'channel':
+            encoder_tokens = [resample_grid_and_concat(encoder_tokens, self.group_sizes[0])]
+        projected, balance_loss, z_loss = [], 0.0, 0.0
+        for tokens, moec in zip(encoder_tokens, self.moecs.values()):
+            visual, balance, z = moec(tokens)                              # Eqs. 2-5: [B, N_g, d_llm]
+            projected.append(visual)
+            balance_loss, z_loss = balance_loss + balance, z_loss + z
+        visual_tokens = torch.cat(projected, dim=1)                        # Eq. 6: [B, N_vis, d_llm]
+        return self.hga(visual_tokens, self.group_sizes), balance_loss, z_loss  # Eqs. 7-9
+
+    def splice(self, input_ids, attention_mask, labels, images, left_padded=False):
+        """Replace each sample's single <image> placeholder by its N_vis visual embeddings.
+        Returns inputs_embeds [B, L', D], attention_mask [B, L'], labels [B, L'] (or None) and the
+        router losses; L' = L + N_vis - 1 when the batch holds an image. Padding stays on its side:
+        with left padding, text-only samples are shifted right by N_vis - 1 to line up their ends."""
+        B, L = input_ids.shape
+        is_placeholder = input_ids == IMAGE_TOKEN_ID
+        placeholders_per_sample = is_placeholder.sum(dim=1)
+        if (placeholders_per_sample > 1).any():
+            bad = placeholders_per_sample.gt(1).nonzero().flatten().tolist()
+            raise ValueError(f"samples {bad} of the batch hold more than one <image> placeholder")
+        has_image = placeholders_per_sample == 1
+        num_images = 0 if images is None else images.shape[0]
+        if num_images != int(has_image.sum()):
+            raise ValueError(f"{int(has_image.sum())} samples hold an <image> placeholder but {num_images} images were given")
+        text_embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_placeholder, 0))  # [B, L, D]
+        if labels is None:
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+        if num_images == 0:
+            return text_embeds, attention_mask, labels, 0.0, 0.0
+        visual_embeds, balance_loss, z_loss = self.encode_images(images)   # [n_img, N, D]
+        N = visual_embeds.shape[1]
+        # one visual row block per sample (zeros for text-only ones), placed after the text: [B, L + N, D]
+        per_sample_visual = text_embeds.new_zeros(B, N, text_embeds.shape[-1])
+        per_sample_visual[has_image] = visual_embeds.to(text_embeds.dtype)
+        all_embeds = torch.cat([text_embeds, per_sample_visual], dim=1)
+        all_mask = torch.cat([attention_mask, has_image[:, None].expand(B, N).to(attention_mask.dtype)], dim=1)
+        all_labels = torch.cat([labels, labels.new_full((B, N), IGNORE_INDEX)], dim=1)
+        # for output position t: text before the placeholder at p, visual rows for p <= t < p + N,
+        # then the text after the placeholder
+        t = torch.arange(L + N - 1, device=input_ids.device)[None]         # [1, L']
+        p = torch.where(has_image, is_placeholder.float().argmax(dim=1), L + N)[:, None]  # [B, 1]
+        shift = (N - 1) * (left_padded & ~has_image).long()[:, None]       # text-only under left padding
+        source = torch.where(t < p, t - shift, torch.where(t < p + N, L + t - p, t - N + 1))
+        is_pad = (source < 0) | ((t >= p + N) & (source >= L))             # ran off the text: padding
+        source = source.clamp(0, L + N - 1).masked_fill(is_pad, 0)
+        inputs_embeds = all_embeds.gather(1, source[..., None].expand(-1, -1, all_embeds.shape[-1]))
+        new_mask = all_mask.gather(1, source).masked_fill(is_pad, 0)
+        new_labels = all_labels.gather(1, source).masked_fill(is_pad, IGNORE_INDEX)
+        return inputs_embeds, new_mask, new_labels, balance_loss, z_loss
+
+    def forward(self, input_ids, attention_mask, labels=None, images=None):
+        inputs_embeds, attention_mask, labels, balance_loss, z_loss = self.splice(
+            input_ids, attention_mask, labels, images)
+        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits  # [B, L', V]
+        # next-token cross-entropy over the learned positions (labels shifted by one)
+        lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                  ignore_index=IGNORE_INDEX)
+        # Eq. 10: L = L_lm + 0.1 sum_g L_balance + 0.01 sum_g L_z
+        loss = lm_loss + self.config.balance_coef * balance_loss + self.config.z_coef * z_loss
+        as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=logits.device)
+        return dict(loss=loss, lm_loss=lm_loss.detach(), balance_loss=as_tensor(balance_loss).detach(),
+                    z_loss=as_tensor(z_loss).detach(), logits=logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, images=None, max_new_tokens=32):
+        """Greedy decoding from left-padded prompts; returns the new tokens [B, T_new]."""
+        inputs_embeds, attention_mask, _, _, _ = self.splice(input_ids, attention_mask, None, images,
+                                                             left_padded=True)
+        tokenizer = self.tokenizer
+        eos_id = tokenizer.eos_token_id if tokenizer else self.llm.config.eos_token_id
+        pad_id = tokenizer.pad_token_id if tokenizer and tokenizer.pad_token_id is not None else eos_id
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 eos_token_id=eos_id, pad_token_id=pad_id)
+
+    # -- checkpoints: only what cannot be rebuilt from config (trained or randomly initialised parts)
+
+    def saved_parts(self):
+        parts = {'moecs': self.moecs}
+        if self.config.llm_source != 'pretrained' or any(p.requires_grad for p in self.llm.parameters()):
+            parts['llm'] = self.llm
+        if self.config.encoder_source != 'pretrained' or self.config.train_encoders:
+            parts['encoders'] = self.encoders
+        return parts
+
+    def trainable_state_dict(self):
+        return {f'{prefix}.{k}': v for prefix, module in self.saved_parts().items()
+                for k, v in module.state_dict().items()}
+
+    def save_pretrained(self, out_dir):
+        """Writes config.json + model.safetensors, each via a temporary file and an atomic rename."""
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        save_file(state, os.path.join(out_dir, 'model.safetensors.tmp'))
+        os.replace(os.path.join(out_dir, 'model.safetensors.tmp'), os.path.join(out_dir, 'model.safetensors'))
+        with open(os.path.join(out_dir, 'config.json.tmp'), 'w') as f:
+            json.dump(asdict(self.config), f, indent=2)
+        os.replace(os.path.join(out_dir, 'config.json.tmp'), os.path.join(out_dir, 'config.json'))
+        if self.tokenizer is not None and self.config.llm_source != 'pretrained':
+            self.tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, **overrides):
+        with open(os.path.join(ckpt_dir, 'config.json')) as f:
+            config = MoCHAConfig(**dict(json.load(f), **overrides))
+        config.encoders = tuple(config.encoders)
+        if os.path.isdir(os.path.join(ckpt_dir, 'tokenizer')):
+            config.tokenizer = os.path.join(ckpt_dir, 'tokenizer')
+        model = cls(config)
+        model.load_trainable(load_file(os.path.join(ckpt_dir, 'model.safetensors')), ckpt_dir)
+        return model
+
+    def load_trainable(self, state, source='state dict'):
+        unexpected = sorted(set(state) - set(self.state_dict()))
+        missing = sorted(set(self.trainable_state_dict()) - set(state))
+        if unexpected or missing:
+            raise KeyError(f"{source}: keys not in this model {unexpected[:5]}, keys missing {missing[:5]}")
+        self.load_state_dict(state, strict=False)
+
+
+def resample_grid_and_concat(encoder_tokens, num_tokens):
+    """Channel-concatenation ablation: bilinearly resample each [B, h*w, C] grid to a common
+    square grid and concatenate the channels: [B, num_tokens, sum C]."""
+    side = math.isqrt(num_tokens)
+    grids = []
+    for tokens in encoder_tokens:
+        B, n, C = tokens.shape
+        h = math.isqrt(n)
+        grid = tokens.transpose(1, 2).reshape(B, C, h, h)
+        grid = F.interpolate(grid, size=(side, side), mode='bilinear', align_corners=False)
+        grids.append(grid.flatten(2).transpose(1, 2))
+    return torch.cat(grids, dim=-1)
