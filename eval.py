@@ -310,11 +310,11 @@ def generate_answers(model, tokenizer, prompts, images, max_new_tokens):
         answers.append(tokenizer.decode(ids[:min(ends, default=len(ids))], skip_special_tokens=True).strip())
     return answers
 
-def question_image(question, image_folder, image_size, question_file):
+def image_path(question, image_folder, question_file):
     path = os.path.join(image_folder, question['image'])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{question_file}: question {question['question_id']}: image not found: {path}")
-    return data.load_image(path, image_size)
+    return path
 
 def answer_questions(model, tokenizer, question_file, image_folder, answers_file, template=None,
                      batch_size=8, max_new_tokens=128, image_size=None, model_id='nanomocha'):
@@ -322,9 +322,10 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     ({question_id, prompt, text, answer_id, model_id, metadata}), in question order.
     Resumable: questions already answered in answers_file (or in shard files left by an interrupted run)
     are skipped, and new answers are appended. Under torchrun each rank answers every world_size-th
-    remaining question into answers_file.rank{r}; after a barrier rank 0 appends them in question order
-    and deletes the shards. template / image_size default to the model's config. answer_id is the
-    question's line index, so runs with any number of ranks write the same file."""
+    remaining batch into answers_file.rank{r}; after a barrier rank 0 appends them in question order
+    and deletes the shards. Ranks share out whole batches, so every batch (its padding included) is the
+    same for any number of ranks, and answer_id is the question's line index: runs with any number of
+    ranks write the same file. template / image_size default to the model's config."""
     template = template or model.config.template
     image_size = image_size or model.config.image_size
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -339,18 +340,20 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     todo = [(index, q) for index, (key, q) in enumerate(zip(question_keys, questions)) if key not in done]
     if rank == 0 and done:
         print(f"{answers_file}: resuming, {len(questions) - len(todo)} questions already answered, {len(todo)} to go")
+    for _, question in todo:  # a missing image stops the run now, not hours into it
+        if question.get('image'):
+            image_path(question, image_folder, question_file)
     os.makedirs(os.path.dirname(answers_file) or '.', exist_ok=True)
     was_training = model.training
     model.eval()
-    my_todo = todo[rank::world_size]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     with open(f'{answers_file}.rank{rank}', 'a') as shard:
-        for start in range(0, len(my_todo), batch_size):
-            batch = my_todo[start:start + batch_size]
+        for batch in batches[rank::world_size]:
             prompts, images = [], []
             for _, question in batch:
                 text = question['text']
                 if question.get('image'):  # LLaVA puts the image first: "<image>\n" + question
-                    images.append(question_image(question, image_folder, image_size, question_file))
+                    images.append(data.load_image(image_path(question, image_folder, question_file), image_size))
                     text = text if '<image>' in text else '<image>\n' + text
                 prompts.append(data.build_prompt(text, tokenizer, template))
             texts = generate_answers(model, tokenizer, prompts, images, max_new_tokens)
@@ -431,7 +434,8 @@ def shapes_files(shapes_dir):
 
 def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_new_tokens=16, model_id='nanomocha'):
     """Answer and score the three shapes benchmarks; answers and results.json go to out_dir.
-    Resumable like answer_questions, so give a fresh out_dir to a new checkpoint.
+    Resumable like answer_questions, so give a fresh out_dir to a new checkpoint. Under torchrun every
+    rank calls it with the unwrapped model (they share the answering).
     Returns {'pope': ..., 'gqa': ..., 'mme': ...} on rank 0, None on the other ranks."""
     results = {}
     for benchmark, files in shapes_files(shapes_dir).items():

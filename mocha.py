@@ -440,13 +440,18 @@ class MoCHA(nn.Module):
         new_labels = all_labels.gather(1, source).masked_fill(is_pad, IGNORE_INDEX)
         return inputs_embeds, new_mask, new_labels, balance_loss, z_loss
 
-    def forward(self, input_ids, attention_mask, labels=None, images=None):
+    def forward(self, input_ids, attention_mask, labels=None, images=None, num_target_tokens=None):
+        """Eq. 10 loss and its parts. The LM loss is a mean over this batch's learned tokens, or,
+        given `num_target_tokens`, their sum over that count (train.py passes the global batch's
+        mean per micro-batch, so every learned token weighs the same whatever the GPU or micro-step)."""
         inputs_embeds, attention_mask, labels, balance_loss, z_loss = self.splice(
             input_ids, attention_mask, labels, images)
         logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits  # [B, L', V]
         # next-token cross-entropy over the learned positions (labels shifted by one)
-        lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                  ignore_index=IGNORE_INDEX)
+        targets = labels[:, 1:].flatten()
+        lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets,
+                                  ignore_index=IGNORE_INDEX, reduction='sum')
+        lm_loss = lm_loss / (num_target_tokens or (targets != IGNORE_INDEX).sum().clamp(min=1))
         # Eq. 10: L = L_lm + 0.1 sum_g L_balance + 0.01 sum_g L_z
         loss = lm_loss + self.config.balance_coef * balance_loss + self.config.z_coef * z_loss
         as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=logits.device)
@@ -479,10 +484,12 @@ class MoCHA(nn.Module):
         return {f'{prefix}.{k}': v for prefix, module in self.saved_parts().items()
                 for k, v in module.state_dict().items()}
 
-    def save_pretrained(self, out_dir):
-        """Writes config.json + model.safetensors, each via a temporary file and an atomic rename."""
+    def save_pretrained(self, out_dir, state_dict=None):
+        """Writes config.json + model.safetensors, each via a temporary file and an atomic rename.
+        `state_dict`: the full model state when this copy holds only a shard of it (FSDP)."""
         os.makedirs(out_dir, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        keep = self.trainable_state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or keep).items() if k in keep}
         save_file(state, os.path.join(out_dir, 'model.safetensors.tmp'))
         os.replace(os.path.join(out_dir, 'model.safetensors.tmp'), os.path.join(out_dir, 'model.safetensors'))
         with open(os.path.join(out_dir, 'config.json.tmp'), 'w') as f:

@@ -1,0 +1,724 @@
+"""
+Data for nanoMoCHA: LLaVA-format training data, the conversation templates, and
+the synthetic "shapes" world that stands in for LLaVA's data offline.
+
+References: LLaVA-1.5 (llava/train/train.py: preprocess_plain, preprocess_v1,
+expand2square, LazySupervisedDataset; llava/eval/*) and SPEC §6-§9.
+
+    load_image            RGB, pad to square with the mean colour, resize (SPEC §7)
+    tokenize_conversation the templates plain / phi / vicuna_v1 and their label masks (SPEC §8)
+    build_prompt          the inference prompt of one question (for eval.py)
+    LLaVADataset, collate LLaVA training JSON -> padded batches, bad samples skipped or fatal (SPEC §9)
+    prepare_shapes        `python data.py`: writes data/shapes/ (nanoGPT's prepare.py role)
+"""
+import json
+import os
+import random
+import sys
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from mocha import IGNORE_INDEX, IMAGE_TOKEN_ID  # -100, and -200: the placeholder the visual tokens replace (SPEC §6)
+
+IMAGE_TEXT = '<image>'
+
+# -----------------------------------------------------------------------------
+# images (SPEC §7: "pad to square with the mean colour")
+
+# LLaVA-1.5's 'pad' mode (expand2square) fills with the image processor's mean colour,
+# tuple(int(x * 255) for x in image_mean); the released MoCHA code uses the CLIP processor, so this is
+# the CLIP mean (0.48145466, 0.4578275, 0.40821073). Per-encoder normalisation happens in the model.
+PAD_COLOR = (122, 116, 104)
+
+
+def load_image(path, image_size):
+    """The image at `path` as a uint8 tensor [3, image_size, image_size]: RGB, padded to a centred square
+    with PAD_COLOR, resized (bicubic). Raises OSError naming the path if it is missing or unreadable."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert('RGB')  # decodes the whole file: a truncated JPEG fails here, not later
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise OSError(f"cannot read image {path}: {err}") from err
+    width, height = img.size
+    side = max(width, height)
+    square = Image.new('RGB', (side, side), PAD_COLOR)
+    square.paste(img, ((side - width) // 2, (side - height) // 2))
+    square = square.resize((image_size, image_size), Image.BICUBIC)
+    return torch.from_numpy(np.array(square)).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# conversation templates (SPEC §8)
+
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# plain (stage 1):  <image> caption \n              learned: caption \n
+# phi, vicuna_v1:   SYSTEM USER: q ASSISTANT: a<eos>USER: q2 ASSISTANT: a2<eos>...   learned: " a<eos>"
+# The two chat templates differ only in their eos, which is the tokenizer's own eos token
+# (<|endoftext|> for Phi-2, </s> for Vicuna), so both are one code path.
+TEMPLATES = ('plain', 'phi', 'vicuna_v1')
+
+
+def adds_bos(tokenizer):
+    """Whether the tokenizer starts every text with its bos token (Llama/Vicuna yes, Phi-2/GPT-2 no)."""
+    return tokenizer.bos_token_id is not None and tokenizer.encode('a')[:1] == [tokenizer.bos_token_id]
+
+
+def adds_prefix_space(tokenizer):
+    """Whether the tokenizer puts a space in front of every text it encodes (SentencePiece's dummy
+    prefix '▁', Llama/Vicuna): then 'a' alone encodes like the 'a' in 'a a'. Byte-level BPE
+    (GPT-2/Phi-2) keeps spaces as written ('a' != ' a')."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
+    return encode('a')[-1:] == encode('a a')[-1:]
+
+
+def encode_segment(text, tokenizer, at_start):
+    """Token ids of `text` as it reads inside a longer text (or at its start when at_start).
+
+    We tokenise segment by segment, so each segment must come out as it would in the joined text.
+    Segments carry their own spaces (" ASSISTANT:", " answer"). Byte-level BPE then needs nothing
+    more. A SentencePiece tokenizer would add its dummy '▁' to every segment ("USER:" right after an
+    eos would become "▁USER:"), so a segment that does not start the text is encoded behind a newline
+    anchor, whose tokens ('▁', '<0x0A>') never merge with what follows, and the anchor is dropped."""
+    if at_start or not adds_prefix_space(tokenizer):
+        return tokenizer.encode(text, add_special_tokens=False)
+    anchor = tokenizer.encode('\n', add_special_tokens=False)
+    ids = tokenizer.encode('\n' + text, add_special_tokens=False)
+    if ids[:len(anchor)] != anchor:
+        raise ValueError(f"the newline anchor merged with the segment {text!r}; cannot tokenise it alone")
+    return ids[len(anchor):]
+
+
+def encode_pieces(pieces, tokenizer):
+    """(input_ids, labels) of a list of (piece, learned): a piece is text, which may hold '<image>'
+    (-> IMAGE_TOKEN_ID), or a token id. Labels copy the ids where learned, else IGNORE_INDEX."""
+    input_ids, labels = [], []
+    if adds_bos(tokenizer):
+        input_ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+    at_start = True  # no text before this point (a bos token is not text)
+    for piece, learned in pieces:
+        parts = [piece] if isinstance(piece, int) else split_image_text(piece)
+        for part in parts:
+            if part == '':
+                continue
+            ids = [part] if isinstance(part, int) else encode_segment(part, tokenizer, at_start)
+            at_start = False
+            input_ids += ids
+            labels += ids if learned else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def split_image_text(text):
+    """'USER: <image>\\nWhat?' -> ['USER: ', IMAGE_TOKEN_ID, '\\nWhat?']"""
+    parts = []
+    for i, chunk in enumerate(text.split(IMAGE_TEXT)):
+        parts += [IMAGE_TOKEN_ID, chunk] if i > 0 else [chunk]
+    return parts
+
+
+def conversation_problem(conversations, template):
+    """What is wrong with a LLaVA `conversations` list for this template, or None (SPEC §9)."""
+    if not isinstance(conversations, list) or not conversations:
+        return 'empty conversation'
+    if len(conversations) % 2 or any(not isinstance(turn, dict) or turn.get('from') != ('human', 'gpt')[i % 2]
+                                     or not isinstance(turn.get('value'), str)
+                                     for i, turn in enumerate(conversations)):
+        return 'turns are not human/gpt pairs with text values'
+    if template == 'plain' and len(conversations) != 2:
+        return 'plain template needs exactly one human and one gpt turn'
+    num_images = sum(turn['value'].count(IMAGE_TEXT) for turn in conversations)
+    if num_images > 1:
+        return 'more than one <image>'
+    if num_images == 1 and IMAGE_TEXT not in conversations[0]['value']:
+        return '<image> is not in the first human turn'
+    return None
+
+
+def tokenize_conversation(conversations, tokenizer, template):
+    """(input_ids, labels) lists for one LLaVA conversation (SPEC §8). '<image>' becomes one
+    IMAGE_TOKEN_ID where the text has it; labels are IGNORE_INDEX except what the template learns."""
+    assert template in TEMPLATES, f"unknown template {template!r}, expected one of {TEMPLATES}"
+    problem = conversation_problem(conversations, template)
+    if problem:
+        raise ValueError(problem)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; the chat templates end every answer with it")
+    if template == 'plain':
+        # LLaVA's preprocess_plain drops the human text and keeps only the image
+        question, caption = conversations[0]['value'], conversations[1]['value']
+        pieces = [(IMAGE_TEXT if IMAGE_TEXT in question else '', False), (caption + '\n', True)]
+        return encode_pieces(pieces, tokenizer)
+    pieces, before_user = [], SYSTEM + ' '
+    for human, gpt in zip(conversations[0::2], conversations[1::2]):
+        pieces += [(f"{before_user}USER: {human['value']} ASSISTANT:", False),
+                   (' ' + gpt['value'], True),
+                   (tokenizer.eos_token_id, True)]
+        before_user = ''  # nothing between one answer's eos and the next "USER:"
+    return encode_pieces(pieces, tokenizer)
+
+
+def build_prompt(question, tokenizer, template):
+    """Token ids of the inference prompt for one question, ending with "ASSISTANT:" (phi, vicuna_v1)
+    or just the image placeholder (plain). '<image>' in the question becomes IMAGE_TOKEN_ID; the
+    ids equal the prompt part of tokenize_conversation's ids for the same question."""
+    assert template in TEMPLATES, f"unknown template {template!r}, expected one of {TEMPLATES}"
+    if template == 'plain':
+        return encode_pieces([(IMAGE_TEXT if IMAGE_TEXT in question else '', False)], tokenizer)[0]
+    return encode_pieces([(f"{SYSTEM} USER: {question} ASSISTANT:", False)], tokenizer)[0]
+
+
+# -----------------------------------------------------------------------------
+# LLaVA training data (SPEC §9): [{"id", "image"?, "conversations": [{"from", "value"}, ...]}, ...]
+
+def fit_to_length(input_ids, labels, max_length, num_visual_tokens):
+    """Cut the tail so the sequence fits max_length once the placeholder is replaced by
+    num_visual_tokens rows (SPEC §6, §7). Returns (input_ids, labels) or a reason string when the
+    prompt and image alone do not fit (truncation then would cut the placeholder or every answer)."""
+    learned = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not learned:
+        return 'nothing to learn (no answer tokens)'
+    budget = max_length - (num_visual_tokens - 1 if IMAGE_TOKEN_ID in input_ids else 0)
+    if learned[0] >= budget:  # the placeholder sits in the prompt, before the first learned token
+        return f'too long: the prompt and image need more than max_length={max_length} positions'
+    return input_ids[:budget], labels[:budget]
+
+
+class LLaVADataset(torch.utils.data.Dataset):
+    """LLaVA training JSON -> dict(id, input_ids, labels, image uint8 [3,S,S] or None) per sample.
+
+    Bad samples (SPEC §9, issue 3) raise ValueError naming the file, sample id and image with
+    on_bad_sample='error', or are skipped and counted with on_bad_sample='skip'. The cheap checks
+    (conversation structure, <image> count and place, image file exists) run here, and their skips are
+    counted in self.skipped (reason -> count). Problems only seen when loading (unreadable image,
+    too long after tokenising) make __getitem__ print the reason and return None; collate drops those
+    and reports num_skipped, so a corrupt JPEG never stops a long run.
+    A sample with an image but no '<image>' in its text gets '<image>\\n' prepended to its first human
+    turn, as LLaVA-1.5's preprocess_multimodal puts it there (counted in self.image_token_added)."""
+
+    def __init__(self, json_path, image_folder, tokenizer, template, image_size, max_length,
+                 num_visual_tokens, on_bad_sample='skip'):
+        assert template in TEMPLATES, f"unknown template {template!r}, expected one of {TEMPLATES}"
+        assert on_bad_sample in ('skip', 'error'), f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}"
+        self.json_path, self.image_folder, self.tokenizer, self.template = json_path, image_folder, tokenizer, template
+        self.image_size, self.max_length, self.num_visual_tokens = image_size, max_length, num_visual_tokens
+        self.on_bad_sample = on_bad_sample
+        with open(json_path) as f:
+            samples = json.load(f)
+        if not isinstance(samples, list):
+            raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(samples).__name__}")
+        self.skipped = Counter()
+        self.image_token_added = 0
+        self.samples = [s for s in (self.checked(i, s) for i, s in enumerate(samples)) if s is not None]
+
+    def image_path(self, sample):
+        return os.path.join(self.image_folder, sample['image']) if sample.get('image') else None
+
+    def bad_sample(self, sample, reason):
+        """Raise (on_bad_sample='error') or return the message to log."""
+        image = self.image_path(sample)
+        message = f"{self.json_path}: sample {sample.get('id')!r}{f' (image {image})' if image else ''}: {reason}"
+        if self.on_bad_sample == 'error':
+            raise ValueError(message)
+        return message
+
+    def checked(self, index, sample):
+        """The sample ready for __getitem__, or None (counted) when a cheap check fails."""
+        if not isinstance(sample, dict):
+            sample = {'id': f'#{index}', 'conversations': None}
+        sample.setdefault('id', f'#{index}')
+        conversations = sample.get('conversations')
+        reason = conversation_problem(conversations, self.template)
+        has_image_text = not reason and IMAGE_TEXT in conversations[0]['value']
+        image = self.image_path(sample)
+        if not reason and image and not os.path.isfile(image):
+            reason = 'image file not found'
+        if not reason and has_image_text and not image:
+            reason = '<image> in the text but the sample has no image'
+        if reason:
+            self.bad_sample(sample, reason)
+            self.skipped[reason] += 1
+            return None
+        if image and not has_image_text:
+            first = dict(conversations[0], value=IMAGE_TEXT + '\n' + conversations[0]['value'])
+            sample = dict(sample, conversations=[first] + conversations[1:])
+            self.image_token_added += 1
+        return sample
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        input_ids, labels = tokenize_conversation(sample['conversations'], self.tokenizer, self.template)
+        fitted = fit_to_length(input_ids, labels, self.max_length, self.num_visual_tokens)
+        if isinstance(fitted, str):
+            print(f"skipping {self.bad_sample(sample, fitted)}", file=sys.stderr)
+            return None
+        input_ids, labels = fitted
+        image = None
+        if sample.get('image'):
+            try:
+                image = load_image(self.image_path(sample), self.image_size)
+            except OSError as err:
+                print(f"skipping {self.bad_sample(sample, f'unreadable image ({err})')}", file=sys.stderr)
+                return None
+        return dict(id=sample['id'], input_ids=torch.tensor(input_ids), labels=torch.tensor(labels), image=image)
+
+
+def collate(batch, pad_token_id, image_size=None):
+    """Right-padded batch (SPEC §6) of LLaVADataset items; None items (bad samples found at load
+    time) are dropped and counted in num_skipped. images holds one row per sample that has an image,
+    in batch order, and is empty [0, 3, S, S] when none has (S = image_size, 0 if not given)."""
+    assert pad_token_id is not None, "collate needs a pad token id (use the eos id if the tokenizer has no pad)"
+    samples = [s for s in batch if s is not None]
+    length = max((len(s['input_ids']) for s in samples), default=0)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample['input_ids'])
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = sample['input_ids'], sample['labels'], 1
+    images = [s['image'] for s in samples if s['image'] is not None]
+    size = image_size or 0
+    images = torch.stack(images) if images else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images,
+                ids=[s['id'] for s in samples], num_skipped=len(batch) - len(samples))
+
+
+# -----------------------------------------------------------------------------
+# the shapes world: scenes of 1-4 coloured shapes in a 3x3 grid
+
+SHAPES = ('circle', 'square', 'triangle', 'diamond')
+COLORS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (50, 100, 235),
+          'yellow': (235, 215, 40), 'purple': (150, 60, 200), 'orange': (245, 140, 30)}
+SIZES = ('small', 'large')
+POSITIONS = (('top left', 'top', 'top right'),  # POSITIONS[row][col]
+             ('left', 'center', 'right'),
+             ('bottom left', 'bottom', 'bottom right'))
+PLACES = {'left': 'on the left', 'right': 'on the right', 'center': 'in the center'}  # else "at the <position>"
+SIDES = {'left': 'on the left side of the image', 'right': 'on the right side of the image',
+         'top': 'at the top of the image', 'bottom': 'at the bottom of the image'}
+NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four')
+CATEGORIES = [(color, shape) for color in COLORS for shape in SHAPES]  # POPE's "objects": 'red circle', ...
+# Uneven category frequencies and a bias to co-occur with a category sharing a colour or shape give POPE's
+# popular and adversarial negatives something to find, as COCO's do.
+POPULARITY = {category: 1 / (1 + 0.25 * ((7 * i) % len(CATEGORIES))) for i, category in enumerate(CATEGORIES)}
+SHORT_ANSWER = '\nAnswer the question using a single word or phrase.'  # LLaVA-1.5's VQA / POPE / GQA prompt
+YES_NO = ' Please answer yes or no.'  # MME's question ending
+DESCRIBE = ('Describe the image briefly.', 'Give a short caption for the image.', 'What is in this picture?',
+            'Summarize the visual content of the image.')
+TEXT_ONLY = (('How many sides does a triangle have?', '3'), ('How many sides does a square have?', '4'),
+             ('What color do you get when you mix red and yellow?', 'orange'),
+             ('What color do you get when you mix blue and yellow?', 'green'),
+             ('What color do you get when you mix red and blue?', 'purple'),
+             ('Does a circle have corners?', 'no'), ('Does a diamond have corners?', 'yes'))
+
+
+def sample_categories(rng, n):
+    """n distinct (color, shape) pairs, popular ones more often, later ones often related to earlier ones."""
+    chosen = []
+    while len(chosen) < n:
+        pool = [c for c in CATEGORIES if c not in chosen]
+        if chosen and rng.random() < 0.5:
+            pool = [c for c in pool if any(c[0] == o[0] or c[1] == o[1] for o in chosen)] or pool
+        chosen.append(rng.choices(pool, weights=[POPULARITY[c] for c in pool])[0])
+    return chosen
+
+
+def sample_scene(rng, image_px):
+    """1-4 objects, each in its own cell of a 3x3 grid (so they never overlap), in reading order."""
+    n = rng.randint(1, 4)
+    cells = sorted(rng.sample(range(9), n))
+    cell_px = image_px / 3
+    scene = []
+    for cell, (color, shape) in zip(cells, sample_categories(rng, n)):
+        row, col = divmod(cell, 3)
+        size = rng.choice(SIZES)
+        radius = cell_px * (0.22 if size == 'small' else 0.38) * rng.uniform(0.9, 1.1)
+        slack = cell_px / 2 - radius - 1
+        scene.append(dict(color=color, shape=shape, size=size, row=row, col=col, radius=radius,
+                          x=(col + 0.5) * cell_px + rng.uniform(-slack, slack),
+                          y=(row + 0.5) * cell_px + rng.uniform(-slack, slack)))
+    return scene
+
+
+def draw_scene(scene, image_px, background, supersample=4):
+    """The scene as a PIL image, drawn large and downsampled for smooth edges."""
+    canvas = Image.new('RGB', (image_px * supersample,) * 2, (background,) * 3)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene:
+        x, y, r = obj['x'] * supersample, obj['y'] * supersample, obj['radius'] * supersample
+        fill = COLORS[obj['color']]
+        if obj['shape'] == 'circle':
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        elif obj['shape'] == 'square':
+            draw.rectangle([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=fill)
+        elif obj['shape'] == 'triangle':
+            draw.polygon([(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)], fill=fill)
+        else:  # diamond
+            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    return canvas.resize((image_px, image_px), Image.LANCZOS)
+
+
+def position(obj):
+    return POSITIONS[obj['row']][obj['col']]
+
+
+def place(obj):
+    return PLACES.get(position(obj), f"at the {position(obj)}")
+
+
+def caption(scene):
+    """'a large red circle at the top left and a small blue square in the center'"""
+    phrases = [f"a {o['size']} {o['color']} {o['shape']} {place(o)}" for o in scene]
+    return phrases[0] if len(phrases) == 1 else ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
+
+
+def shape_ref(obj, scene):
+    """'the circle', or 'the circle at the top left' when the scene has more than one circle"""
+    unique = sum(o['shape'] == obj['shape'] for o in scene) == 1
+    return f"the {obj['shape']}" + ('' if unique else f" {place(obj)}")
+
+
+def color_ref(obj, scene):
+    unique = sum(o['color'] == obj['color'] for o in scene) == 1
+    return f"the {obj['color']} object" + ('' if unique else f" {place(obj)}")
+
+
+def absent_categories(scene):
+    present = {(o['color'], o['shape']) for o in scene}
+    return [c for c in CATEGORIES if c not in present]
+
+
+# Question families: (scene, rng) -> (question, answer, GQA types (structural, semantic, detailed)).
+# Answers are lower case; yes/no families say yes half the time.
+
+def ask_exist_object(scene, rng):
+    if rng.random() < 0.5:
+        obj = rng.choice(scene)
+        color, shape, answer = obj['color'], obj['shape'], 'yes'
+    else:  # half of the negatives share a colour or shape with an object in the image (harder)
+        absent = absent_categories(scene)
+        related = [c for c in absent if any(c[0] == o['color'] or c[1] == o['shape'] for o in scene)]
+        (color, shape), answer = rng.choice(related if related and rng.random() < 0.5 else absent), 'no'
+    return f"Is there a {color} {shape} in the image?", answer, ('verify', 'obj', 'existAttrC')
+
+
+def ask_exist_shape(scene, rng):
+    present = sorted({o['shape'] for o in scene}, key=SHAPES.index)
+    absent = [s for s in SHAPES if s not in present]
+    yes = not absent or rng.random() < 0.5
+    shape = rng.choice(present if yes else absent)
+    return f"Is there a {shape} in the image?", 'yes' if yes else 'no', ('verify', 'obj', 'existC')
+
+
+def ask_count(scene, rng):
+    kind = rng.choice(('shape', 'color', 'all'))
+    if kind == 'shape':
+        shape = rng.choice(SHAPES)
+        return f"How many {shape}s are there?", str(sum(o['shape'] == shape for o in scene)), ('query', 'obj', 'count')
+    if kind == 'color':
+        color = rng.choice([o['color'] for o in scene])
+        return (f"How many {color} objects are there?", str(sum(o['color'] == color for o in scene)),
+                ('query', 'attr', 'count'))
+    return "How many objects are there?", str(len(scene)), ('query', 'obj', 'count')
+
+
+def count_question(shape, n):
+    if n == 1:
+        return f"Is there only one {shape} in the image?"
+    return f"Are there {NUMBER_WORDS[n]} {shape}s in the image?"
+
+
+def ask_count_verify(scene, rng):
+    shape = rng.choice([o['shape'] for o in scene])
+    n = sum(o['shape'] == shape for o in scene)
+    if rng.random() < 0.5:
+        return count_question(shape, n), 'yes', ('verify', 'obj', 'verifyCount')
+    wrong = rng.choice([m for m in (n - 1, n + 1) if 1 <= m <= 4])
+    return count_question(shape, wrong), 'no', ('verify', 'obj', 'verifyCount')
+
+
+def ask_color(scene, rng):
+    obj = rng.choice(scene)
+    return f"What color is {shape_ref(obj, scene)}?", obj['color'], ('query', 'attr', 'queryAttr')
+
+
+def ask_shape(scene, rng):
+    obj = rng.choice(scene)
+    return f"What shape is {color_ref(obj, scene)}?", obj['shape'], ('query', 'cat', 'queryObject')
+
+
+def ask_where(scene, rng):
+    obj = rng.choice(scene)
+    return f"Where is the {obj['color']} {obj['shape']}?", position(obj), ('query', 'rel', 'queryPosition')
+
+
+def object_sides(obj):
+    return [side for side, holds in (('left', obj['col'] == 0), ('right', obj['col'] == 2),
+                                     ('top', obj['row'] == 0), ('bottom', obj['row'] == 2)) if holds]
+
+
+def ask_side(scene, rng):
+    obj = rng.choice(scene)
+    true_sides = object_sides(obj)
+    yes = bool(true_sides) and rng.random() < 0.5
+    side = rng.choice(true_sides if yes else [s for s in SIDES if s not in true_sides])
+    return (f"Is the {obj['color']} {obj['shape']} {SIDES[side]}?", 'yes' if yes else 'no',
+            ('verify', 'rel', 'verifyPosition'))
+
+
+def ask_size(scene, rng):
+    obj = rng.choice(scene)
+    return f"What size is the {obj['color']} {obj['shape']}?", obj['size'], ('query', 'attr', 'querySize')
+
+
+def ask_choose(scene, rng):
+    obj = rng.choice(scene)
+    other = rng.choice([c for c in COLORS if c != obj['color']])
+    first, second = rng.sample([obj['color'], other], 2)
+    return f"Is {shape_ref(obj, scene)} {first} or {second}?", obj['color'], ('choose', 'attr', 'chooseAttr')
+
+
+GQA_FAMILIES = (ask_exist_object, ask_exist_shape, ask_side, ask_color, ask_shape, ask_where, ask_size, ask_choose)
+INSTRUCT_FAMILIES = GQA_FAMILIES + (ask_count, ask_count_verify)
+
+
+def instruct_turn(question, answer, rng):
+    """One human/gpt pair as LLaVA-1.5's mix phrases short answers; yes/no answers are 'Yes' / 'No'."""
+    if answer in ('yes', 'no'):
+        return question + (YES_NO if rng.random() < 0.4 else SHORT_ANSWER), answer.capitalize()
+    return question + SHORT_ANSWER, answer
+
+
+def conversation(turns, image):
+    """LLaVA conversations from (question, answer) pairs; '<image>\\n' leads the first question."""
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        prefix = IMAGE_TEXT + '\n' if image and i == 0 else ''
+        conversations += [{'from': 'human', 'value': prefix + question}, {'from': 'gpt', 'value': answer}]
+    return conversations
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=1)
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+
+
+def save_scenes(rng, count, image_px, folder, name):
+    """Draw `count` new scenes into folder/name(i); returns [(file name, scene)]."""
+    os.makedirs(folder, exist_ok=True)
+    saved = []
+    for i in range(count):
+        scene = sample_scene(rng, image_px)
+        draw_scene(scene, image_px, background=rng.randint(20, 60)).save(os.path.join(folder, name(i)))
+        saved.append((name(i), scene))
+    return saved
+
+
+def make_training_data(out_dir, rng, num_images, image_px):
+    """pretrain.json (captions, stage 1) and instruct.json (multi-turn QA + text-only, stage 2)."""
+    pretrain, instruct = [], []
+    for file, scene in save_scenes(rng, num_images, image_px, os.path.join(out_dir, 'images'), '{:06d}.png'.format):
+        sample_id = file[:-len('.png')]
+        describe = rng.choice(DESCRIBE)  # LCS-558K puts <image> before or after the instruction
+        human = IMAGE_TEXT + '\n' + describe if rng.random() < 0.5 else describe + '\n' + IMAGE_TEXT
+        pretrain.append({'id': sample_id, 'image': file, 'conversations': [
+            {'from': 'human', 'value': human}, {'from': 'gpt', 'value': caption(scene)}]})
+        families = rng.sample(INSTRUCT_FAMILIES, rng.randint(2, 4))
+        turns = [instruct_turn(*ask(scene, rng)[:2], rng) for ask in families]
+        if rng.random() < 0.1:
+            turns.append((rng.choice(DESCRIBE), caption(scene)))
+        instruct.append({'id': sample_id, 'image': file, 'conversations': conversation(turns, image=True)})
+    for i in range(max(1, num_images // 50)):  # text-only samples, like the ShareGPT part of LLaVA's mix
+        turns = [instruct_turn(question, answer, rng) for question, answer in rng.sample(TEXT_ONLY, 2)]
+        instruct.append({'id': f'text_{i:05d}', 'conversations': conversation(turns, image=False)})
+    rng.shuffle(instruct)
+    write_json(os.path.join(out_dir, 'pretrain.json'), pretrain)
+    write_json(os.path.join(out_dir, 'instruct.json'), instruct)
+    return pretrain, instruct
+
+
+def pope_negatives(scene, k, split, rng, frequency, cooccurrence):
+    """k absent categories: random, the most frequent ('popular'), or the ones most often seen with the
+    present ones ('adversarial'), as POPE samples its negatives. Ties go to CATEGORIES order."""
+    absent = absent_categories(scene)
+    if split == 'random':
+        return rng.sample(absent, k)
+    present = [(o['color'], o['shape']) for o in scene]
+    score = {'popular': lambda c: frequency[c],
+             'adversarial': lambda c: sum(cooccurrence[p, c] for p in present)}[split]
+    return sorted(absent, key=lambda c: -score(c))[:k]
+
+
+def make_pope(eval_dir, rng, num_images, image_px):
+    """POPE: 'Is there a <object> in the image?' with 3 (or fewer) present objects per image and as
+    many absent ones per split; the splits share the positives and differ in the negatives."""
+    images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'pope', 'val2014'), 'pope_{:05d}.png'.format)
+    frequency, cooccurrence = Counter(), Counter()
+    for _, scene in images:
+        categories = [(o['color'], o['shape']) for o in scene]
+        frequency.update(categories)
+        cooccurrence.update((a, b) for a in categories for b in categories if a != b)
+    positives = [rng.sample([(o['color'], o['shape']) for o in scene], min(3, len(scene))) for _, scene in images]
+    questions, question_id = [], 0
+    for split in ('random', 'popular', 'adversarial'):
+        annotations = []
+        for (file, scene), present in zip(images, positives):
+            negatives = pope_negatives(scene, len(present), split, rng, frequency, cooccurrence)
+            for (color, shape), label in [(c, 'yes') for c in present] + [(c, 'no') for c in negatives]:
+                text = f"Is there a {color} {shape} in the image?"
+                questions.append({'question_id': question_id, 'image': file, 'text': text + SHORT_ANSWER,
+                                  'category': split})
+                annotations.append({'question_id': question_id, 'image': file, 'text': text, 'label': label})
+                question_id += 1
+        write_jsonl(os.path.join(eval_dir, 'pope', 'coco', f'coco_pope_{split}.json'), annotations)
+    write_jsonl(os.path.join(eval_dir, 'pope', 'llava_pope_test.jsonl'), questions)
+    return questions
+
+
+def make_gqa(eval_dir, rng, num_images, image_px, questions_per_image=3):
+    """GQA-style: LLaVA's question jsonl and GQA's testdev_balanced_questions.json with question types."""
+    images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'gqa', 'images'), 'n{:05d}.png'.format)
+    questions, gqa = [], {}
+    for file, scene in images:
+        for ask in rng.sample(GQA_FAMILIES, questions_per_image):
+            question, answer, (structural, semantic, detailed) = ask(scene, rng)
+            question_id = str(20000000 + len(questions))
+            questions.append({'question_id': question_id, 'image': file, 'text': question + SHORT_ANSWER})
+            gqa[question_id] = {'imageId': file[:-len('.png')], 'question': question, 'answer': answer,
+                                'fullAnswer': answer, 'isBalanced': True,
+                                'types': {'structural': structural, 'semantic': semantic, 'detailed': detailed}}
+    write_jsonl(os.path.join(eval_dir, 'gqa', 'llava_gqa_testdev_balanced.jsonl'), questions)
+    write_json(os.path.join(eval_dir, 'gqa', 'testdev_balanced_questions.json'), gqa)
+    return questions
+
+
+def mme_pair(subtask, scene, rng):
+    """MME's two questions for one image, (question, 'Yes'), (question, 'No'); None if the scene cannot
+    give both (no absent shape, no object off-centre, ...)."""
+    obj = rng.choice(scene)
+    if subtask == 'existence':
+        absent = [s for s in SHAPES if s not in {o['shape'] for o in scene}]
+        if not absent:
+            return None
+        yes, no = f"Is there a {obj['shape']} in the image?", f"Is there a {rng.choice(absent)} in the image?"
+    elif subtask == 'count':
+        n = sum(o['shape'] == obj['shape'] for o in scene)
+        wrong = rng.choice([m for m in (n - 1, n + 1) if 1 <= m <= 4])
+        yes, no = count_question(obj['shape'], n), count_question(obj['shape'], wrong)
+    elif subtask == 'position':
+        opposite = {'left': 'right', 'right': 'left', 'top': 'bottom', 'bottom': 'top'}
+        if not object_sides(obj):
+            return None
+        side = rng.choice(object_sides(obj))
+        ref = f"the {obj['color']} {obj['shape']}"
+        yes, no = f"Is {ref} {SIDES[side]}?", f"Is {ref} {SIDES[opposite[side]]}?"
+    else:  # color: the same shape in a colour it does not have here
+        wrong = [c for c in COLORS if (c, obj['shape']) in absent_categories(scene)]
+        yes = f"Is there a {obj['color']} {obj['shape']} in the image?"
+        no = f"Is there a {rng.choice(wrong)} {obj['shape']} in the image?"
+    return (yes + YES_NO, 'Yes'), (no + YES_NO, 'No')
+
+
+def make_mme(eval_dir, rng, num_images, image_px):
+    """MME-style: MME_Benchmark_release_version/<subtask>/{images/NNNN.png, questions_answers_YN/NNNN.txt}
+    (lines 'question<TAB>Yes|No') and LLaVA's llava_mme.jsonl."""
+    root = os.path.join(eval_dir, 'mme', 'MME_Benchmark_release_version')
+    questions = []
+    for subtask in ('existence', 'count', 'position', 'color'):
+        os.makedirs(os.path.join(root, subtask, 'images'), exist_ok=True)
+        os.makedirs(os.path.join(root, subtask, 'questions_answers_YN'), exist_ok=True)
+        for i in range(num_images):
+            scene, pair = None, None
+            while pair is None:
+                scene = sample_scene(rng, image_px)
+                pair = mme_pair(subtask, scene, rng)
+            image = f'{subtask}/images/{i:04d}.png'
+            draw_scene(scene, image_px, background=rng.randint(20, 60)).save(os.path.join(root, image))
+            with open(os.path.join(root, subtask, 'questions_answers_YN', f'{i:04d}.txt'), 'w') as f:
+                f.writelines(f'{question}\t{answer}\n' for question, answer in pair)
+            questions += [{'question_id': f'{image}#{k}', 'image': image, 'text': question, 'category': subtask}
+                          for k, (question, _) in enumerate(pair)]
+    write_jsonl(os.path.join(eval_dir, 'mme', 'llava_mme.jsonl'), questions)
+    return questions
+
+
+def build_word_tokenizer(texts):
+    """A word-level HF tokenizer for exactly the words in `texts`: splits on whitespace and punctuation
+    ('Yes.' -> 'Yes', '.'), decodes words joined by spaces with no space before punctuation.
+    eos <|endoftext|> (the phi template's eos), pad <pad>, unk <unk>; no bos, like Phi-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    words = sorted({word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(text)})
+    vocab = {token: i for i, token in enumerate(['<|endoftext|>', '<pad>', '<unk>'] + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece(prefix='##', cleanup=True)  # cleanup: "Yes ." -> "Yes."
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token='<|endoftext|>', pad_token='<pad>',
+                                   unk_token='<unk>')
+
+
+def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=3000, num_pope_images=80,
+                   num_gqa_images=100, num_mme_images=20, image_px=64):
+    """Write the shapes world, deterministic by seed (each part has its own random stream, so changing
+    one size leaves the other parts as they were). Images are image_px-square PNGs of 1-4 non-overlapping
+    objects: 4 shapes x 6 colours x 2 sizes in a 3x3 grid of positions. The benchmarks use their own
+    images, none of which is used for training. Layout (eval.py reads it; LLaVA's file names):
+
+    out_dir/
+      images/NNNNNN.png                     training images (pretrain and instruct share them)
+      pretrain.json                         stage 1: captions, LLaVA format [{id, image, conversations}]
+      instruct.json                         stage 2: 2-5 turn QA (existence, colour, shape, count, position,
+                                            size) + text-only samples (no "image" key)
+      tokenizer/                            word-level HF tokenizer (AutoTokenizer.from_pretrained)
+      eval/pope/llava_pope_test.jsonl       {question_id (int), image, text, category: random|popular|adversarial}
+      eval/pope/coco/coco_pope_{random,popular,adversarial}.json
+                                            jsonl {question_id, image, text, label: yes|no}, same question_ids
+                                            and order as that category's lines in llava_pope_test.jsonl
+      eval/pope/val2014/pope_NNNNN.png
+      eval/gqa/llava_gqa_testdev_balanced.jsonl   {question_id (str), image, text}
+      eval/gqa/testdev_balanced_questions.json    {question_id: {imageId, question, answer (lower case),
+                                            fullAnswer, isBalanced, types: {structural, semantic, detailed}}}
+                                            structural: verify (yes/no) | query | choose
+      eval/gqa/images/nNNNNN.png
+      eval/mme/llava_mme.jsonl              {question_id: '<subtask>/images/NNNN.png#k', image (the same
+                                            without '#k', relative to MME_Benchmark_release_version), text,
+                                            category: subtask}; k = line of the question in its txt
+      eval/mme/MME_Benchmark_release_version/<subtask>/images/NNNN.png
+      eval/mme/MME_Benchmark_release_version/<subtask>/questions_answers_YN/NNNN.txt
+                                            two lines 'question<TAB>Yes' and 'question<TAB>No'
+                                            subtasks: existence, count, position, color
+
+    Question texts in the jsonl files have no '<image>' (eval adds '<image>\\n'); POPE and GQA end with
+    LLaVA's "\\nAnswer the question using a single word or phrase.", MME with " Please answer yes or no."."""
+    stream = lambda part: random.Random(f'{seed}-{part}')  # str seeds hash deterministically (sha512)
+    eval_dir = os.path.join(out_dir, 'eval')
+    pretrain, instruct = make_training_data(out_dir, stream('train'), num_train_images, image_px)
+    pope = make_pope(eval_dir, stream('pope'), num_pope_images, image_px)
+    gqa = make_gqa(eval_dir, stream('gqa'), num_gqa_images, image_px)
+    mme = make_mme(eval_dir, stream('mme'), num_mme_images, image_px)
+    texts = [SYSTEM, 'USER: ASSISTANT:', ' '.join(NUMBER_WORDS), '0 1 2 3 4 5 6 7 8 9']
+    texts += [turn['value'] for sample in pretrain + instruct for turn in sample['conversations']]
+    texts += [q['text'] for q in pope + gqa + mme]
+    tokenizer = build_word_tokenizer(texts)
+    tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
+    summary = dict(pretrain=len(pretrain), instruct=len(instruct), pope=len(pope), gqa=len(gqa), mme=len(mme),
+                   vocab=len(tokenizer))
+    print(f"wrote {out_dir}: " + ', '.join(f'{k} {v}' for k, v in summary.items()))
+    return summary
+
+
+if __name__ == '__main__':
+    prepare_shapes()

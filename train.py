@@ -1,0 +1,306 @@
+"""
+Trains MoCHA, both stages (SPEC §7), on one process or many.
+
+    python train.py config/shapes.py                          # the offline shapes world, CPU
+    torchrun --nproc_per_node=8 train.py config/stage1.py     # align: MoECs only
+    torchrun --nproc_per_node=8 train.py config/stage2.py     # instruct: MoECs + LLM
+
+DDP by default (NCCL on GPU, gloo on CPU); parallel='fsdp' shards the model with PyTorch FSDP
+(fully_shard) so Vicuna-7B stage 2 fits 8x48 GB. Checkpoints go to out_dir/ckpt atomically and
+init_from='resume' continues a run exactly where it stopped.
+"""
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from tqdm import tqdm
+
+from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig
+
+# -----------------------------------------------------------------------------
+# default config: stage 1 of MoCHA-Phi2 (SPEC §7). config/*.py files override these.
+# I/O
+out_dir = 'out'
+init_from = 'scratch'      # 'scratch' | 'resume' (out_dir/ckpt) | a MoCHA checkpoint dir (stage 2 from stage 1)
+upcycle_from = ''          # a checkpoint dir whose 1-expert connectors (LLaVA's MLP) seed every expert (Table 4)
+log_interval = 10          # optimizer steps
+save_interval = 1000       # optimizer steps; the end of the run always saves
+stop_at_step = 0           # stop (and save) after this many steps, as if the job were killed; 0 = never
+eval_shapes_at_end = False # score the shapes benchmarks with eval.py when training ends
+# data
+data_json = 'playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json'
+image_folder = 'playground/data/LLaVA-Pretrain/images'
+prepare_shapes_data = False  # write data/shapes first if it is missing (the offline world)
+template = 'plain'
+max_length = 2560          # text + visual tokens
+on_bad_sample = 'skip'     # 'skip' (and count) | 'error'
+num_workers = 4
+# model
+stage = 1                  # 1: MoECs (align); 2: MoECs + LLM (instruct)
+encoders = ENCODER_ORDER
+encoder_source = 'pretrained'
+encoder_resolution = 336
+image_size = 336
+train_encoders = False
+feature_layer = -2
+fusion = 'sequence'
+num_experts = 4
+top_k = 2
+hga = True
+k_intra = 7
+k_inter = 3
+llm = 'microsoft/phi-2'
+llm_source = 'pretrained'
+tokenizer = ''
+# optimizer (AdamW), schedule (cosine, 3 % warmup)
+learning_rate = 1e-3
+weight_decay = 0.0
+beta1, beta2 = 0.9, 0.999
+grad_clip = 1.0
+batch_size = 4             # per process, per micro-step
+gradient_accumulation_steps = 1
+epochs = 1
+max_steps = 0              # 0: as many optimizer steps as `epochs` passes over the data take
+warmup_ratio = 0.03
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16'         # autocast dtype; 'float32' turns autocast off
+parallel = 'ddp'           # 'ddp' | 'fsdp'
+gradient_checkpointing = True
+seed = 1337
+exec(open('configurator.py').read())
+# -----------------------------------------------------------------------------
+
+# distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE
+distributed = int(os.environ.get('RANK', -1)) != -1
+if distributed:
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+torch.manual_seed(seed)
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+autocast = (nullcontext() if dtype == 'float32' else
+            torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+ckpt_dir = os.path.join(out_dir, 'ckpt')
+
+
+def log(*args):
+    if master:
+        tqdm.write(' '.join(str(a) for a in args))
+
+
+# -----------------------------------------------------------------------------
+# data
+if prepare_shapes_data:
+    from data import prepare_shapes
+    if master and not os.path.exists(data_json):
+        prepare_shapes(os.path.dirname(data_json))
+    if distributed:
+        dist.barrier()
+
+# -----------------------------------------------------------------------------
+# model: scratch, or a checkpoint (resume, or stage 2 from stage 1)
+if init_from == 'resume':
+    resume_dir = ckpt_dir if os.path.isdir(ckpt_dir) else ckpt_dir + '.old'  # .old: killed mid-save
+    model = MoCHA.from_pretrained(resume_dir, template=template, train_encoders=train_encoders)
+elif init_from != 'scratch':
+    model = MoCHA.from_pretrained(init_from, template=template, train_encoders=train_encoders)
+else:
+    model = MoCHA(MoCHAConfig(
+        encoders=tuple(encoders), encoder_source=encoder_source,
+        encoder_resolution={name: encoder_resolution for name in ENCODER_ORDER}, image_size=image_size,
+        feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
+        num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter,
+        llm=llm, llm_source=llm_source, tokenizer=tokenizer or None, template=template))
+if upcycle_from and init_from != 'resume':
+    from safetensors.torch import load_file
+    connectors = load_file(os.path.join(upcycle_from, 'model.safetensors'))
+    for name, moec in model.moecs.items():
+        moec.upcycle_from({k.removeprefix(f'moecs.{name}.'): v for k, v in connectors.items()
+                           if k.startswith(f'moecs.{name}.')})
+    log(f"upcycled every expert from the connectors in {upcycle_from}")
+
+# stage 1 trains the MoECs; stage 2 the MoECs and the LLM. Encoders only with train_encoders.
+model.requires_grad_(False)
+model.moecs.requires_grad_(True)
+model.llm.requires_grad_(stage == 2)
+model.encoders.requires_grad_(train_encoders)
+if gradient_checkpointing:
+    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    model.llm.config.use_cache = False
+model.to(device)
+tokenizer_ = model.tokenizer
+pad_id = tokenizer_.pad_token_id if tokenizer_.pad_token_id is not None else tokenizer_.eos_token_id
+trainable = [p for p in model.parameters() if p.requires_grad]
+log(f"stage {stage}: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable of "
+    f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {model.num_visual_tokens} visual tokens")
+
+from data import LLaVADataset, collate  # noqa: E402  (after the shapes data may have been written)
+dataset = LLaVADataset(data_json, image_folder, tokenizer_, template, image_size, max_length,
+                       model.num_visual_tokens, on_bad_sample=on_bad_sample)
+micro_steps_per_epoch = len(dataset) // (batch_size * world_size)
+steps_per_epoch = micro_steps_per_epoch // gradient_accumulation_steps
+total_steps = max_steps or steps_per_epoch * epochs
+assert total_steps > 0, f"{len(dataset)} samples make no optimizer step of {batch_size}x{world_size}x{gradient_accumulation_steps}"
+warmup_steps = math.ceil(warmup_ratio * total_steps)
+
+
+def batches_from(step):
+    """The micro-batches of this process from optimizer step `step` on. Each epoch is one
+    shuffle of the whole dataset (the same on every process); process r takes every
+    world_size-th sample from r, so N processes see the same global batches as one."""
+    micro_step = step * gradient_accumulation_steps
+    while True:
+        epoch, start = divmod(micro_step, micro_steps_per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        per_process = order[rank::world_size][:micro_steps_per_epoch * batch_size]
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, per_process[start * batch_size:]), batch_size=batch_size,
+            num_workers=num_workers, collate_fn=lambda b: collate(b, pad_id, image_size),
+            pin_memory=device_type == 'cuda', persistent_workers=False)
+        for batch in loader:
+            yield batch
+            micro_step += 1
+        # the epoch is over: the next pass starts at its micro-step 0
+
+
+# -----------------------------------------------------------------------------
+# optimizer, parallel wrapper
+optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                              fused=device_type == 'cuda')
+raw_model = model
+if distributed and parallel == 'fsdp':
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for layer in model.llm.model.layers:  # one shard unit per decoder layer, then the rest
+        fully_shard(layer, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                  betas=(beta1, beta2), weight_decay=weight_decay)
+elif distributed:
+    # text-only batches leave the connectors out of the graph: DDP must look for unused parameters
+    model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True)
+elif parallel not in ('ddp', 'fsdp'):
+    raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_checkpoint(step, skipped):
+    """Trainable weights + optimizer + step + RNG + config, to a temporary dir renamed into place."""
+    model_state = get_model_state_dict(model, options=state_options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=state_options)
+    if master:
+        tmp_dir = ckpt_dir + '.tmp'
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raw_model.save_pretrained(tmp_dir, state_dict=model_state)
+        trained = set(raw_model.trainable_state_dict())
+        torch.save(dict(step=step, skipped=skipped, optimizer=optimizer_state, rng=torch.get_rng_state(),
+                        config={k: v for k, v in globals().items() if k in config_keys},
+                        trained_keys=sorted(trained)),
+                   os.path.join(tmp_dir, 'train_state.pt'))
+        if os.path.isdir(ckpt_dir):
+            shutil.rmtree(ckpt_dir + '.old', ignore_errors=True)
+            os.replace(ckpt_dir, ckpt_dir + '.old')
+        os.replace(tmp_dir, ckpt_dir)
+        shutil.rmtree(ckpt_dir + '.old', ignore_errors=True)
+    if distributed:
+        dist.barrier()
+
+
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+start_step, skipped_total = 0, 0
+if init_from == 'resume':
+    train_state = torch.load(os.path.join(resume_dir, 'train_state.pt'), weights_only=False)
+    set_optimizer_state_dict(model, optimizer, train_state['optimizer'], options=state_options)
+    start_step, skipped_total = train_state['step'], train_state['skipped']
+    torch.set_rng_state(train_state['rng'])
+    log(f"resumed from {resume_dir} at step {start_step}")
+
+
+def lr_at(step):
+    """Linear warmup over the first 3 % of steps, then cosine to zero (HF's cosine schedule)."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def global_sum(value):
+    tensor = torch.tensor(float(value), device=device)
+    if distributed:
+        dist.all_reduce(tensor)
+    return tensor.item()
+
+
+# -----------------------------------------------------------------------------
+# the loop: one optimizer step = gradient_accumulation_steps micro-batches on every process
+model.train()
+batches = batches_from(start_step)
+progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
+                desc=f'stage {stage}', dynamic_ncols=True)
+step, tick, tokens_seen, history = start_step, time.time(), 0, []
+for step in progress:
+    for group in optimizer.param_groups:
+        group['lr'] = lr_at(step)
+    micro_batches = [next(batches) for _ in range(gradient_accumulation_steps)]
+    # every learned token of the global batch weighs the same (not every micro-batch)
+    global_targets = global_sum(sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
+    targets_per_micro_batch = max(global_targets, 1) / (world_size * gradient_accumulation_steps)
+    parts = torch.zeros(4, device=device)  # loss, lm, balance, z
+    for i, batch in enumerate(micro_batches):
+        skipped_total += batch['num_skipped']
+        tokens_seen += int(batch['attention_mask'].sum()) + len(batch['images']) * (raw_model.num_visual_tokens - 1)
+        last = i == gradient_accumulation_steps - 1
+        sync = nullcontext() if last or not distributed or parallel == 'fsdp' else model.no_sync()
+        with sync, autocast:
+            out = model(batch['input_ids'].to(device), batch['attention_mask'].to(device),
+                        batch['labels'].to(device), batch['images'].to(device), targets_per_micro_batch)
+            (out['loss'] / gradient_accumulation_steps).backward()
+        parts += torch.stack([out['loss'].detach(), out['lm_loss'], out['balance_loss'], out['z_loss']]).float()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable if parallel != 'fsdp' else model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if distributed:
+        dist.all_reduce(parts)
+    loss, lm_loss, balance_loss, z_loss = (parts / (world_size * gradient_accumulation_steps)).tolist()
+    history.append(lm_loss)
+    if (step + 1) % log_interval == 0 or step == start_step:
+        seconds = time.time() - tick
+        log(f"step {step + 1}/{total_steps} loss {loss:.4f} lm {lm_loss:.4f} balance {balance_loss:.4f} "
+            f"z {z_loss:.4f} lr {lr_at(step):.2e} tok/s {global_sum(tokens_seen) / seconds:.0f} "
+            f"skipped {int(global_sum(skipped_total))}")
+        tick, tokens_seen = time.time(), 0
+    if master:
+        progress.set_postfix(loss=f'{loss:.3f}')
+    done = step + 1 == total_steps or step + 1 == stop_at_step
+    if (step + 1) % save_interval == 0 or done:
+        save_checkpoint(step + 1, skipped_total)
+    if done:
+        break
+if master:
+    with open(os.path.join(out_dir, 'losses.txt'), 'a') as f:
+        f.writelines(f'{v:.6f}\n' for v in history)
+    log(f"saved {ckpt_dir}; samples skipped as bad: {skipped_total} (this process)")
+
+if eval_shapes_at_end and step + 1 == total_steps:
+    from eval import evaluate_shapes
+    raw_model.eval()
+    results = evaluate_shapes(raw_model, tokenizer_, os.path.dirname(data_json), os.path.join(out_dir, 'eval'))
+if distributed:
+    dist.destroy_process_group()
