@@ -46,7 +46,7 @@ ENCODER_SPECS = {
         full=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16, image_size=384, patch_size=16),
         tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, image_size=64, patch_size=8)),
+                  num_attention_heads=4, image_size=64, patch_size=16)),
     'convnext': dict(
         library='open_clip', arch='convnext_xxlarge',
         pretrained='laion2b_s34b_b82k_augreg_soup', mean=CLIP_MEAN, std=CLIP_STD,
@@ -64,7 +64,7 @@ ENCODER_SPECS = {
         full=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
         tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, image_size=64, patch_size=8)),
+                  num_attention_heads=4, image_size=64, patch_size=16)),
     'dinov2': dict(
         library='transformers', model_class='Dinov2Model', config_class='Dinov2Config',
         pretrained='facebook/dinov2-large', mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -72,7 +72,7 @@ ENCODER_SPECS = {
         full=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
                   image_size=518, patch_size=14),
         tiny=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
-                  image_size=64, patch_size=8)),
+                  image_size=64, patch_size=16)),
 }
 ENCODER_ORDER = ('siglip', 'convnext', 'clip', 'dinov2')  # the append order of Eq. 6
 

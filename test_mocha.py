@@ -1,23 +1,40 @@
 """
 Executable documentation of nanoMoCHA: every test name states a property, its body checks it.
-Run: python -m pytest -q        (CPU, offline, a few minutes on 2 cores)
+Run: python -m pytest -q        (CPU, offline; a few minutes on 2 cores)
 
-The reference implementations below (`released_hga`, `released_moec`) follow the released code's
+Sections: mocha.py (encoders, MoEC, HGA, the splice, generation, checkpoints) · data.py · eval.py ·
+train.py (real `python train.py` / `torchrun` runs on a small shapes world).
+The reference implementations (`released_hga`, `released_moec`) follow the released code's
 per-image / per-group / per-expert loops, written plainly; bench.py times mocha.py against them.
 """
+import copy
+import filecmp
 import itertools
 import json
 import math
 import os
-
-import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import subprocess
+import sys
+from types import SimpleNamespace
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+import data
+import eval as ev
+from data import SYSTEM
 from mocha import (ENCODER_ORDER, ENCODER_SPECS, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, Encoders, MoCHA,
                    MoCHAConfig, MoEC, build_backbone, build_llm)
 
@@ -137,7 +154,7 @@ def test_every_encoder_subset_gives_one_token_tensor_per_encoder_in_order(tiny_e
     encoders = Encoders(list(reversed(names)), 'tiny', TINY_RES)            # order given does not matter
     assert list(encoders.encoders) == list(names)
     outputs = encoders(random_images(2, size=80))
-    expected_sizes = {'siglip': 64, 'convnext': 4, 'clip': 64, 'dinov2': 64}  # 64px: 8x8 patches, 2x2 at stride 32
+    expected_sizes = {'siglip': 16, 'convnext': 4, 'clip': 16, 'dinov2': 16}  # 64px: 4x4 patches of 16, 2x2 at stride 32
     assert [o.shape for o in outputs] == [(2, expected_sizes[n], 64) for n in names]
     assert encoders.group_sizes == [expected_sizes[n] for n in names]
 
@@ -203,7 +220,7 @@ def test_pretrained_loading_path_reads_local_checkpoints(tmp_path):
             assert k == k2 and torch.equal(v, v2), f'{name}: {k} differs after loading'
     encoders = Encoders(ENCODER_ORDER, 'pretrained', TINY_RES, paths=paths)
     assert encoders.dims == [64, 320 // 3, 64, 64]  # the released pool of 3 applies to pretrained ConvNeXt
-    assert [o.shape[1] for o in encoders(images)] == [64, 4, 64, 64]
+    assert [o.shape[1] for o in encoders(images)] == [16, 4, 16, 16]
 
 
 def test_full_size_architectures_build_offline_with_paper_shapes():
@@ -364,7 +381,7 @@ def test_mocha_shapes_loss_and_gradients(tiny_mocha):
     labels = ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN_ID), IGNORE_INDEX)
     out = model(ids, mask, labels, random_images(1))
     N = model.num_visual_tokens
-    assert N == 196 and out['logits'].shape == (2, 6 + N - 1, model.llm.config.vocab_size)
+    assert N == 52 and out['logits'].shape == (2, 6 + N - 1, model.llm.config.vocab_size)
     assert torch.isfinite(out['loss'])
     torch.testing.assert_close(out['loss'], out['lm_loss'] + 0.1 * out['balance_loss'] + 0.01 * out['z_loss'])
     out['loss'].backward()
@@ -477,6 +494,843 @@ def test_frozen_llm_gets_no_gradient_and_is_not_saved_when_pretrained(tokenizer_
 def test_channel_concat_ablation_uses_one_connector(tokenizer_dir):
     torch.manual_seed(0)
     model = MoCHA(tiny_config(tokenizer_dir, fusion='channel'))
-    assert list(model.moecs) == ['channel'] and model.num_visual_tokens == 64
+    assert list(model.moecs) == ['channel'] and model.num_visual_tokens == 16
     visual, _, _ = model.encode_images(random_images(2))
-    assert visual.shape == (2, 64, model.llm.config.hidden_size)
+    assert visual.shape == (2, 16, model.llm.config.hidden_size)
+
+
+# =============================================================================
+# data.py: templates, label masks, bad samples, the shapes world
+# =============================================================================
+
+CORPUS = [SYSTEM, "USER: What color is the circle? ASSISTANT: red", "How many squares are there? 2",
+          "Is there a blue triangle in the image? Yes No", "a large red circle at the top left and a small square"] * 10
+TWO_TURNS = [{'from': 'human', 'value': '<image>\nWhat color is the circle?'}, {'from': 'gpt', 'value': 'red'},
+             {'from': 'human', 'value': 'How many squares are there?'}, {'from': 'gpt', 'value': '2'}]
+CAPTION = [{'from': 'human', 'value': 'Describe the image briefly.\n<image>'},
+           {'from': 'gpt', 'value': 'a large red circle at the top left'}]
+
+
+@pytest.fixture(scope='module')
+def word_tokenizer():
+    return data.build_word_tokenizer(CORPUS + ['Describe the image briefly.'])
+
+
+@pytest.fixture(scope='module')
+def bpe_tokenizer():
+    """GPT-2 / Phi-2 style: byte-level BPE, spaces belong to the next token, no bos."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=['<|endoftext|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token='<|endoftext|>')
+
+
+@pytest.fixture(scope='module')
+def sp_tokenizer():
+    """Llama / Vicuna style, built like transformers v5's LlamaTokenizer: BPE with byte fallback,
+    Metaspace '▁' dummy prefix on the first section, <s> added in front of every text."""
+    tokenizer = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True, fuse_unk=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='first', split=True)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<unk>', '<s>', '</s>'])
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    # add the 256 byte tokens; the corpus has no newline, so '\n' falls back to <0x0A> as in Llama
+    model = json.loads(tokenizer.to_str())['model']
+    vocab = dict(model['vocab'], **{f'<0x{i:02X}>': len(model['vocab']) + i for i in range(256)})
+    tokenizer.model = models.BPE(vocab, [tuple(merge) for merge in model['merges']], unk_token='<unk>',
+                                 byte_fallback=True, fuse_unk=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='first', split=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(content=' ', left=1)])
+    tokenizer.post_processor = processors.TemplateProcessing(single='<s> $A', special_tokens=[('<s>', 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token='<s>', eos_token='</s>', unk_token='<unk>')
+
+
+def reference_encoding(conversations, tokenizer, template):
+    """The independent way: join the whole conversation into one string, encode it once with '<image>'
+    as a special token, and mark learned tokens by their character offsets."""
+    eos = tokenizer.eos_token
+    if template == 'plain':
+        text, learned_spans = '<image>' + conversations[1]['value'] + '\n', [(7, None)]
+    else:
+        text, learned_spans = SYSTEM + ' ', []
+        for human, gpt in zip(conversations[0::2], conversations[1::2]):
+            text += f"USER: {human['value']} ASSISTANT:"
+            start = len(text)
+            text += ' ' + gpt['value'] + eos
+            learned_spans.append((start, len(text)))
+    learned_spans = [(start, end or len(text)) for start, end in learned_spans]
+    oracle = copy.deepcopy(tokenizer)
+    oracle.add_special_tokens({'additional_special_tokens': ['<image>']})
+    encoding = oracle(text, return_offsets_mapping=True)
+    image_id = oracle.convert_tokens_to_ids('<image>')
+    input_ids = [IMAGE_TOKEN_ID if i == image_id else i for i in encoding['input_ids']]
+    labels = [i if end > start and any(s <= start and end <= e for s, e in learned_spans) else IGNORE_INDEX
+              for i, (start, end) in zip(input_ids, encoding['offset_mapping'])]
+    return input_ids, labels
+
+
+# -----------------------------------------------------------------------------
+# templates and label masks (SPEC §8)
+
+def test_phi_label_mask_token_by_token_on_word_tokenizer(word_tokenizer):
+    vocab = word_tokenizer.get_vocab()
+    eos = word_tokenizer.eos_token_id
+    ids = lambda text: [vocab[w] for w in text.split()]
+    system = ids("A chat between a curious user and an artificial intelligence assistant . The assistant gives "
+                 "helpful , detailed , and polite answers to the user ' s questions .")
+    prompt1 = system + ids('USER :') + [IMAGE_TOKEN_ID] + ids('What color is the circle ? ASSISTANT :')
+    prompt2 = ids('USER : How many squares are there ? ASSISTANT :')
+    expected_ids = prompt1 + ids('red') + [eos] + prompt2 + ids('2') + [eos]
+    expected_labels = ([IGNORE_INDEX] * len(prompt1) + ids('red') + [eos]
+                       + [IGNORE_INDEX] * len(prompt2) + ids('2') + [eos])
+    for template in ('phi', 'vicuna_v1'):  # same text; the eos is the tokenizer's
+        assert data.tokenize_conversation(TWO_TURNS, word_tokenizer, template) == (expected_ids, expected_labels)
+
+
+def test_plain_learns_caption_only_on_word_tokenizer(word_tokenizer):
+    vocab = word_tokenizer.get_vocab()
+    caption = [vocab[w] for w in 'a large red circle at the top left'.split()]
+    input_ids, labels = data.tokenize_conversation(CAPTION, word_tokenizer, 'plain')
+    assert input_ids == [IMAGE_TOKEN_ID] + caption  # human text dropped; '\n' is whitespace to a word tokenizer
+    assert labels == [IGNORE_INDEX] + caption
+
+
+@pytest.mark.parametrize('tokenizer_name', ['word_tokenizer', 'bpe_tokenizer', 'sp_tokenizer'])
+@pytest.mark.parametrize('template', ['plain', 'phi', 'vicuna_v1'])
+def test_segments_equal_whole_string_encoding(tokenizer_name, template, request):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    image_last = [dict(TWO_TURNS[0], value='What color is the circle?\n<image>')] + TWO_TURNS[1:]
+    for conversations in ([CAPTION] if template == 'plain' else [TWO_TURNS, image_last]):
+        input_ids, labels = data.tokenize_conversation(conversations, tokenizer, template)
+        assert (input_ids, labels) == reference_encoding(conversations, tokenizer, template)
+        assert input_ids.count(IMAGE_TOKEN_ID) == 1
+
+
+def test_bpe_phi_learns_answers_and_eos(bpe_tokenizer):
+    input_ids, labels = data.tokenize_conversation(TWO_TURNS, bpe_tokenizer, 'phi')
+    assert not data.adds_bos(bpe_tokenizer) and not data.adds_prefix_space(bpe_tokenizer)
+    learned = [label for label in labels if label != IGNORE_INDEX]
+    assert bpe_tokenizer.decode(learned) == ' red<|endoftext|> 2<|endoftext|>'
+    assert labels[-1] == bpe_tokenizer.eos_token_id
+    prompt = [i for i, label in zip(input_ids, labels) if label == IGNORE_INDEX]
+    text = bpe_tokenizer.decode([i for i in prompt if i != IMAGE_TOKEN_ID])
+    assert text == SYSTEM + ' USER: \nWhat color is the circle? ASSISTANT:USER: How many squares are there? ASSISTANT:'
+
+
+def test_sentencepiece_vicuna_bos_and_no_stray_prefix(sp_tokenizer):
+    assert data.adds_bos(sp_tokenizer) and data.adds_prefix_space(sp_tokenizer)
+    input_ids, labels = data.tokenize_conversation(TWO_TURNS, sp_tokenizer, 'vicuna_v1')
+    assert input_ids[0] == sp_tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
+    assert input_ids.count(sp_tokenizer.bos_token_id) == 1
+    tokens = sp_tokenizer.convert_ids_to_tokens([i for i in input_ids if i != IMAGE_TOKEN_ID])
+    eos_at = tokens.index('</s>')
+    assert tokens[eos_at + 1] != '▁' and tokens[eos_at + 1].startswith('U')  # "USER" after eos, no dummy '▁'
+    learned = [label for label in labels if label != IGNORE_INDEX]
+    assert sp_tokenizer.decode(learned) == 'red</s> 2</s>'  # the decoder strips the first leading space
+
+
+@pytest.mark.parametrize('tokenizer_name', ['word_tokenizer', 'bpe_tokenizer', 'sp_tokenizer'])
+@pytest.mark.parametrize('template', ['plain', 'phi', 'vicuna_v1'])
+def test_build_prompt_is_the_training_prompt(tokenizer_name, template, request):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    conversations = TWO_TURNS[:2] if template != 'plain' else CAPTION
+    input_ids, labels = data.tokenize_conversation(conversations, tokenizer, template)
+    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    prompt = data.build_prompt(conversations[0]['value'], tokenizer, template)
+    assert prompt == input_ids[:first_learned]
+    if template == 'plain':
+        assert prompt == [tokenizer.bos_token_id] * data.adds_bos(tokenizer) + [IMAGE_TOKEN_ID]
+
+
+def test_text_only_conversation_has_no_placeholder(word_tokenizer):
+    conversations = [{'from': 'human', 'value': 'How many squares are there?'}, {'from': 'gpt', 'value': '2'}]
+    input_ids, labels = data.tokenize_conversation(conversations, word_tokenizer, 'phi')
+    assert IMAGE_TOKEN_ID not in input_ids
+    assert [label for label in labels if label != IGNORE_INDEX] == [word_tokenizer.get_vocab()['2'],
+                                                                   word_tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize('conversations, problem', [
+    ([], 'empty conversation'),
+    ([{'from': 'gpt', 'value': 'red'}, {'from': 'human', 'value': 'What?'}], 'turns are not human/gpt'),
+    ([{'from': 'human', 'value': '<image> <image>'}, {'from': 'gpt', 'value': 'red'}], 'more than one <image>'),
+    ([{'from': 'human', 'value': 'What?'}, {'from': 'gpt', 'value': 'red'},
+      {'from': 'human', 'value': 'x <image>'}, {'from': 'gpt', 'value': 'y'}], 'not in the first'),
+])
+def test_malformed_conversations_are_rejected(conversations, problem, word_tokenizer):
+    with pytest.raises(ValueError, match=problem):
+        data.tokenize_conversation(conversations, word_tokenizer, 'phi')
+
+
+# -----------------------------------------------------------------------------
+# images
+
+def test_load_image_pads_with_the_mean_colour(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(10, 30, 3), dtype=np.uint8)  # 30 wide, 10 high
+    Image.fromarray(pixels).save(tmp_path / 'wide.png')
+    image = data.load_image(str(tmp_path / 'wide.png'), 30)
+    assert image.dtype == torch.uint8 and image.shape == (3, 30, 30)
+    pad = torch.tensor(data.PAD_COLOR, dtype=torch.uint8).view(3, 1, 1)
+    assert (image[:, :10] == pad).all() and (image[:, 20:] == pad).all()  # the border bands
+    assert torch.equal(image[:, 10:20].permute(1, 2, 0), torch.from_numpy(pixels))  # centred, untouched
+    small = data.load_image(str(tmp_path / 'wide.png'), 16)
+    assert small.shape == (3, 16, 16) and torch.equal(small[:, 0, 0], pad.view(3))
+
+
+def test_load_image_errors_name_the_path(tmp_path):
+    (tmp_path / 'garbage.jpg').write_bytes(b'\xff\xd8\xff not a jpeg at all' * 10)
+    for name in ('garbage.jpg', 'missing.png'):
+        with pytest.raises(OSError, match=name):
+            data.load_image(str(tmp_path / name), 16)
+
+
+# -----------------------------------------------------------------------------
+# LLaVADataset, bad samples, truncation, collate (SPEC §9)
+
+def human_gpt(question, answer):
+    return [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
+
+
+BAD_AT_INIT = {  # id -> (sample, the reason counted in dataset.skipped)
+    'missing': ({'image': 'nowhere.png', 'conversations': human_gpt('<image>\nWhat color?', 'red')},
+                'image file not found'),
+    'orphan_token': ({'conversations': human_gpt('<image>\nWhat color?', 'red')},
+                     '<image> in the text but the sample has no image'),
+    'empty': ({'image': 'good.png', 'conversations': []}, 'empty conversation'),
+    'two_images': ({'image': 'good.png', 'conversations': human_gpt('<image> <image>\nWhat color?', 'red')},
+                   'more than one <image>'),
+}
+BAD_AT_LOAD = {  # id -> (sample, words of the error)
+    'corrupt': ({'image': 'corrupt.jpg', 'conversations': human_gpt('<image>\nWhat color?', 'red')},
+                'unreadable image'),
+    'long': ({'image': 'good.png', 'conversations': human_gpt('<image>\n' + 'What color ? ' * 20, 'red')},
+             'too long'),
+}
+GOOD = {
+    'good': {'image': 'good.png', 'conversations': human_gpt('<image>\nWhat color is the circle?', 'red')},
+    'text': {'conversations': human_gpt('How many squares are there?', '2')},
+    'no_token': {'image': 'good.png', 'conversations': human_gpt('What color is the circle?', 'red')},
+}
+MAX_LENGTH, NUM_VISUAL_TOKENS, IMAGE_SIZE = 64, 8, 16
+
+
+def write_dataset(folder, samples):
+    Image.fromarray(np.full((12, 20, 3), 200, dtype=np.uint8)).save(folder / 'good.png')
+    (folder / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff\xe0' + bytes(range(256)) * 4)  # a JPEG header, then junk
+    with open(folder / 'train.json', 'w') as f:
+        json.dump([dict(sample, id=sample_id) for sample_id, sample in samples.items()], f)
+    return str(folder / 'train.json')
+
+
+def make_dataset(folder, samples, tokenizer, on_bad_sample='skip', max_length=MAX_LENGTH):
+    return data.LLaVADataset(write_dataset(folder, samples), str(folder), tokenizer, 'phi', IMAGE_SIZE,
+                             max_length, NUM_VISUAL_TOKENS, on_bad_sample=on_bad_sample)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, word_tokenizer):
+    samples = dict(GOOD, **{k: s for k, (s, _) in BAD_AT_INIT.items()}, **{k: s for k, (s, _) in BAD_AT_LOAD.items()})
+    dataset = make_dataset(tmp_path, samples, word_tokenizer)
+    assert dataset.skipped == {reason: 1 for _, reason in BAD_AT_INIT.values()}
+    assert dataset.image_token_added == 1  # 'no_token' got '<image>\n' in front, as LLaVA does
+    assert [s['id'] for s in dataset.samples] == ['good', 'text', 'no_token', 'corrupt', 'long']
+    items = [dataset[i] for i in range(len(dataset))]
+    assert items[3] is None and items[4] is None  # found at load time
+    assert items[2]['input_ids'].tolist().count(IMAGE_TOKEN_ID) == 1
+    batch = data.collate(items, word_tokenizer.pad_token_id, IMAGE_SIZE)
+    assert batch['num_skipped'] == 2 and batch['ids'] == ['good', 'text', 'no_token']
+    assert batch['images'].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)  # 'good' and 'no_token'; 'text' has none
+
+
+@pytest.mark.parametrize('sample_id', list(BAD_AT_INIT))
+def test_bad_sample_at_init_is_an_error_naming_it(sample_id, tmp_path, word_tokenizer):
+    sample, reason = BAD_AT_INIT[sample_id]
+    with pytest.raises(ValueError) as error:
+        make_dataset(tmp_path, dict(GOOD, **{sample_id: sample}), word_tokenizer, on_bad_sample='error')
+    message = str(error.value)
+    assert repr(sample_id) in message and 'train.json' in message and reason in message
+    if 'image' in sample:
+        assert sample['image'] in message
+
+
+@pytest.mark.parametrize('sample_id', list(BAD_AT_LOAD))
+def test_bad_sample_at_load_is_an_error_naming_it(sample_id, tmp_path, word_tokenizer):
+    sample, words = BAD_AT_LOAD[sample_id]
+    dataset = make_dataset(tmp_path, {sample_id: sample}, word_tokenizer, on_bad_sample='error')
+    with pytest.raises(ValueError) as error:
+        dataset[0]
+    assert repr(sample_id) in str(error.value) and sample['image'] in str(error.value) and words in str(error.value)
+
+
+def test_truncation_cuts_the_tail_and_keeps_the_placeholder(tmp_path, word_tokenizer):
+    turns = human_gpt('<image>\nWhat color is the circle?', 'red') + human_gpt('How many squares are there?', '2') * 3
+    full_ids, _ = data.tokenize_conversation(turns, word_tokenizer, 'phi')
+    max_length = len(full_ids) - 5 + NUM_VISUAL_TOKENS - 1  # 5 positions short once the image is spliced in
+    item = make_dataset(tmp_path, {'multi': {'image': 'good.png', 'conversations': turns}}, word_tokenizer,
+                        max_length=max_length)[0]
+    input_ids, labels = item['input_ids'].tolist(), item['labels'].tolist()
+    assert len(input_ids) - 1 + NUM_VISUAL_TOKENS == max_length
+    assert input_ids == full_ids[:len(input_ids)] and input_ids.count(IMAGE_TOKEN_ID) == 1
+    assert word_tokenizer.get_vocab()['red'] in labels
+    # two positions less and the first answer no longer fits after the prompt and image: a bad sample
+    tight = len(full_ids[:full_ids.index(word_tokenizer.get_vocab()['red'])]) - 1 + NUM_VISUAL_TOKENS
+    assert make_dataset(tmp_path, {'multi': {'image': 'good.png', 'conversations': turns}}, word_tokenizer,
+                        max_length=tight)[0] is None
+
+
+def test_collate_pads_right_and_masks(word_tokenizer):
+    pad = word_tokenizer.pad_token_id
+    image = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    batch = [dict(id='a', input_ids=torch.tensor([5, IMAGE_TOKEN_ID, 6, 7]), labels=torch.tensor([-100, -100, 6, 7]),
+                  image=image),
+             None,
+             dict(id='b', input_ids=torch.tensor([8, 9]), labels=torch.tensor([-100, 9]), image=None)]
+    out = data.collate(batch, pad, IMAGE_SIZE)
+    assert out['input_ids'].tolist() == [[5, IMAGE_TOKEN_ID, 6, 7], [8, 9, pad, pad]]
+    assert out['attention_mask'].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert out['labels'].tolist() == [[-100, -100, 6, 7], [-100, 9, -100, -100]]
+    assert out['images'].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and out['images'].dtype == torch.uint8
+    assert out['ids'] == ['a', 'b'] and out['num_skipped'] == 1
+    text_only = data.collate(batch[2:], pad, IMAGE_SIZE)
+    assert text_only['images'].shape == (0, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+# -----------------------------------------------------------------------------
+# the shapes world
+
+SMALL = dict(num_train_images=30, num_pope_images=12, num_gqa_images=8, num_mme_images=3)
+
+
+@pytest.fixture(scope='module')
+def shapes_dir(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp('shapes')
+    data.prepare_shapes(str(out_dir), seed=0, **SMALL)
+    return out_dir
+
+
+def all_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+def test_prepare_shapes_is_deterministic_and_complete(shapes_dir, tmp_path):
+    data.prepare_shapes(str(tmp_path / 'again'), seed=0, **SMALL)
+    files = all_files(shapes_dir)
+    assert files == all_files(tmp_path / 'again')
+    assert all(filecmp.cmp(shapes_dir / f, tmp_path / 'again' / f, shallow=False) for f in files)
+    expected = ['pretrain.json', 'instruct.json', 'tokenizer/tokenizer.json', 'eval/pope/llava_pope_test.jsonl',
+                'eval/gqa/llava_gqa_testdev_balanced.jsonl', 'eval/gqa/testdev_balanced_questions.json',
+                'eval/mme/llava_mme.jsonl']
+    expected += [f'eval/pope/coco/coco_pope_{split}.json' for split in ('random', 'popular', 'adversarial')]
+    expected += [f'eval/mme/MME_Benchmark_release_version/{subtask}/{kind}/0000.{ext}'
+                 for subtask in ('existence', 'count', 'position', 'color')
+                 for kind, ext in (('images', 'png'), ('questions_answers_YN', 'txt'))]
+    assert set(expected) <= set(files)
+    data.prepare_shapes(str(tmp_path / 'other'), seed=1, **SMALL)
+    assert not filecmp.cmp(shapes_dir / 'pretrain.json', tmp_path / 'other' / 'pretrain.json', shallow=False)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_shapes_training_data_loads_through_the_dataset(shapes_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(shapes_dir / 'tokenizer'))
+    for name, template in (('pretrain.json', 'plain'), ('instruct.json', 'phi')):
+        dataset = data.LLaVADataset(str(shapes_dir / name), str(shapes_dir / 'images'), tokenizer, template,
+                                    IMAGE_SIZE, 512, NUM_VISUAL_TOKENS, on_bad_sample='error')
+        items = [dataset[i] for i in range(len(dataset))]
+        assert not dataset.skipped and dataset.image_token_added == 0 and None not in items
+        assert all(tokenizer.unk_token_id not in item['input_ids'] for item in items)  # vocabulary covers all
+    assert sum(item['image'] is None for item in items) >= 1  # instruct has text-only samples
+
+
+def test_shapes_tokenizer_round_trips(shapes_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(shapes_dir / 'tokenizer'))
+    sentence = 'Is there a red circle in the image? Please answer yes or no.'
+    ids = tokenizer.encode(sentence)
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == sentence
+    assert tokenizer.eos_token == '<|endoftext|>' and tokenizer.pad_token_id is not None
+    for answer in ('Yes', 'No', 'red', '2', 'top left'):
+        assert tokenizer.decode(tokenizer.encode(answer) + [tokenizer.eos_token_id], skip_special_tokens=True) == answer
+
+
+def test_shapes_pope_files(shapes_dir):
+    questions = read_jsonl(shapes_dir / 'eval/pope/llava_pope_test.jsonl')
+    assert len({q['question_id'] for q in questions}) == len(questions)
+    positives = {}
+    for split in ('random', 'popular', 'adversarial'):
+        labels = read_jsonl(shapes_dir / f'eval/pope/coco/coco_pope_{split}.json')
+        split_questions = [q for q in questions if q['category'] == split]
+        assert [a['question_id'] for a in labels] == [q['question_id'] for q in split_questions]  # same order
+        assert [a['label'] for a in labels].count('yes') == [a['label'] for a in labels].count('no')
+        assert all(q['text'] == a['text'] + data.SHORT_ANSWER for q, a in zip(split_questions, labels))
+        positives[split] = [(a['image'], a['text']) for a in labels if a['label'] == 'yes']
+        negatives = {(a['image'], a['text']) for a in labels if a['label'] == 'no'}
+        assert not negatives & set(positives[split])
+    assert positives['random'] == positives['popular'] == positives['adversarial']
+
+
+def test_shapes_gqa_and_mme_files(shapes_dir):
+    questions = read_jsonl(shapes_dir / 'eval/gqa/llava_gqa_testdev_balanced.jsonl')
+    with open(shapes_dir / 'eval/gqa/testdev_balanced_questions.json') as f:
+        gold = json.load(f)
+    assert [q['question_id'] for q in questions] == list(gold)
+    for q in questions:
+        entry = gold[q['question_id']]
+        assert q['image'] == entry['imageId'] + '.png' and q['text'] == entry['question'] + data.SHORT_ANSWER
+        assert (entry['answer'] in ('yes', 'no')) == (entry['types']['structural'] == 'verify')
+    mme_root = shapes_dir / 'eval/mme/MME_Benchmark_release_version'
+    mme = read_jsonl(shapes_dir / 'eval/mme/llava_mme.jsonl')
+    assert len({q['question_id'] for q in mme}) == len(mme) == 4 * 3 * 2
+    for q in mme:
+        subtask, _, file = q['image'].split('/')
+        assert q['category'] == subtask and (mme_root / q['image']).is_file()
+        with open(mme_root / subtask / 'questions_answers_YN' / file.replace('.png', '.txt')) as f:
+            lines = [line.rstrip('\n').split('\t') for line in f]
+        assert [answer for _, answer in lines] == ['Yes', 'No']
+        assert q['text'] in [question for question, _ in lines] and q['text'].endswith(' Please answer yes or no.')
+
+
+# =============================================================================
+# eval.py: scorers on hand-made benchmark files, answering, sharding, resuming
+# =============================================================================
+
+
+def write_jsonl(path, records):
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+
+def answer(question_id, text, prompt=''):
+    return dict(question_id=question_id, prompt=prompt, text=text, answer_id=0, model_id='test', metadata={})
+
+# -----------------------------------------------------------------------------
+# parsing rules
+
+def test_pope_prediction_follows_the_official_first_sentence_word_rule():
+    cases = {
+        "No, there is not.": 'no',
+        "Yes.": 'yes',
+        "yes, it is": 'yes',
+        "NO": 'yes',  # only 'No', 'not', 'no' count, so upper-case NO reads as yes
+        "There is no dog": 'no',
+        "not sure": 'no',
+        "": 'yes',
+        "Yes. There is no cat.": 'yes',  # only the first sentence counts
+        "No.": 'no',
+        "No\nthere is": 'yes',  # words are split on spaces only: 'No\nthere' is one word
+        "Nothing here": 'yes',
+    }
+    assert {text: ev.pope_prediction(text) for text in cases} == cases
+
+def test_mme_prediction_follows_calculation_py():
+    cases = {
+        "yes": 'yes', "NO": 'no', "Yes.": 'yes', "No, there is not.": 'no', "yes, it is": 'yes',
+        "not sure": 'no',  # 'no' is in the first four characters
+        "There is no dog": 'other', "": 'other', "I don't know": 'other', "Maybe": 'other',
+        "Yes. There is no cat.": 'yes', "none": 'no',
+    }
+    assert {text: ev.mme_prediction(text) for text in cases} == cases
+
+# -----------------------------------------------------------------------------
+# POPE
+
+def make_pope(tmp_path):
+    """Two splits (no adversarial file). The question ids are LLaVA-style and unlike the annotation
+    files' own ids; the splits' questions are interleaved in the question file."""
+    random_rows = [  # (answer text, label): outcome
+        ("No, there is not.", 'no'),       # TN
+        ("Yes.", 'yes'),                   # TP
+        ("yes, it is", 'no'),              # FP
+        ("NO", 'no'),                      # FP (parses as yes)
+        ("There is no dog", 'yes'),        # FN
+        ("not sure", 'no'),                # TN
+        ("", 'yes'),                       # TP (parses as yes)
+        ("Yes. There is no cat.", 'yes'),  # TP
+        ("No", 'yes'),                     # FN
+        (None, 'yes'),                     # no answer: reported, not scored
+    ]
+    popular_rows = [("Yes", 'yes'), ("no", 'no'), ("yes", 'yes'), ("No.", 'yes')]  # TP TN TP FN
+    questions, answers, labels = {'random': [], 'popular': []}, [], {'random': [], 'popular': []}
+    for split, rows, base in (('random', random_rows, 30000000), ('popular', popular_rows, 20000000)):
+        for i, (text, label) in enumerate(rows, 1):
+            image = f'COCO_val2014_{split}_{i}.jpg'
+            questions[split].append(dict(question_id=base + i, image=image, category=split,
+                                         text=f"Is there a thing {i}?\nAnswer the question using a single word or phrase."))
+            labels[split].append(dict(question_id=i, image=image, text=f"Is there a thing {i}?", label=label))
+            if text is not None:
+                answers.append(answer(base + i, text))
+    # interleave the splits: r1 p1 r2 p2 r3 p3 r4 p4 r5 ... r10
+    questions = [q for pair in zip(questions['random'], questions['popular']) for q in pair] + questions['random'][4:]
+    write_jsonl(tmp_path / 'llava_pope_test.jsonl', questions)
+    os.makedirs(tmp_path / 'coco')
+    for split, rows in labels.items():
+        write_jsonl(tmp_path / 'coco' / f'coco_pope_{split}.json', rows)
+    return answers[::-1]  # answers in any order
+
+def test_score_pope_hand_computed(tmp_path):
+    answers = make_pope(tmp_path)
+    result = ev.score_pope(answers, tmp_path / 'llava_pope_test.jsonl', tmp_path / 'coco')
+    # random: TP 3, FP 2, TN 2, FN 2 over 9 answered questions
+    r = result['random']
+    assert (r['tp'], r['fp'], r['tn'], r['fn'], r['questions']) == (3, 2, 2, 2, 9)
+    assert r['accuracy'] == pytest.approx(100 * 5 / 9)
+    assert r['precision'] == pytest.approx(60.0) and r['recall'] == pytest.approx(60.0)
+    assert r['f1'] == pytest.approx(60.0)
+    assert r['yes_ratio'] == pytest.approx(100 * 5 / 9)
+    # popular: TP 2, TN 1, FN 1: precision 100, recall 2/3, F1 = 2*100*66.7/166.7 = 80
+    p = result['popular']
+    assert (p['tp'], p['fp'], p['tn'], p['fn']) == (2, 0, 1, 1)
+    assert p['accuracy'] == pytest.approx(75.0) and p['yes_ratio'] == pytest.approx(50.0)
+    assert p['recall'] == pytest.approx(200 / 3) and p['f1'] == pytest.approx(80.0)
+    assert 'adversarial' not in result
+    assert result['f1_avg'] == pytest.approx(70.0)
+    assert result['num_missing'] == 1 and result['missing_ids'] == [30000010]
+
+def test_score_pope_refuses_mismatched_files(tmp_path):
+    answers = make_pope(tmp_path)
+    with pytest.raises(ValueError, match='not in'):
+        ev.score_pope(answers + [answer(999, 'yes')], tmp_path / 'llava_pope_test.jsonl', tmp_path / 'coco')
+    labels = ev.read_jsonl(tmp_path / 'coco' / 'coco_pope_popular.json')
+    labels[1]['image'] = 'another.jpg'
+    write_jsonl(tmp_path / 'coco' / 'coco_pope_popular.json', labels)
+    with pytest.raises(ValueError, match=r'coco_pope_popular.json:2: label is for image another.jpg'):
+        ev.score_pope(answers, tmp_path / 'llava_pope_test.jsonl', tmp_path / 'coco')
+    write_jsonl(tmp_path / 'coco' / 'coco_pope_popular.json', labels[:3])
+    with pytest.raises(ValueError, match='has 3 labels but .* has 4 questions'):
+        ev.score_pope(answers, tmp_path / 'llava_pope_test.jsonl', tmp_path / 'coco')
+
+# -----------------------------------------------------------------------------
+# GQA
+
+def test_score_gqa_hand_computed(tmp_path):
+    def q(answer_, structural, balanced=True):
+        return dict(imageId='n1', question='?', answer=answer_, isBalanced=balanced,
+                    types=dict(structural=structural, semantic='attr', detailed='x'))
+    questions = {'201': q('yes', 'verify'), '202': q('no', 'logical'), '203': q('red', 'query'),
+                 '204': q('left', 'query'), '205': q('yes', 'compare'), '206': q('cat', 'choose'),
+                 '207': q('dog', 'query', balanced=False), '208': q('dog', 'query')}
+    with open(tmp_path / 'testdev_balanced_questions.json', 'w') as f:
+        json.dump(questions, f)
+    answers = [answer('201', 'Yes.'),               # 'yes'  right, binary
+               answer('202', 'No, there is not.'),  # 'no, there is not' wrong, binary
+               answer('203', 'Red.'),               # 'red' right, open
+               answer('204', 'left..'),             # every trailing '.' goes: right, open
+               answer('205', 'yes, it is'),         # wrong, binary
+               answer('207', 'dog'),                # not balanced: not scored
+               answer('208', '')]                   # wrong, open; 206 has no answer
+    result = ev.score_gqa(answers, tmp_path / 'testdev_balanced_questions.json')
+    assert result['questions'] == 6
+    assert result['accuracy'] == pytest.approx(50.0)      # 3 of 6
+    assert result['binary'] == pytest.approx(100 / 3)     # 201 of 201, 202, 205
+    assert result['open'] == pytest.approx(200 / 3)       # 203, 204 of 203, 204, 208
+    assert result['num_missing'] == 1 and result['missing_ids'] == ['206']
+    with pytest.raises(ValueError, match='appears twice'):
+        ev.score_gqa(answers + [answer('201', 'no')], tmp_path / 'testdev_balanced_questions.json')
+
+# -----------------------------------------------------------------------------
+# MME
+
+def make_mme(root):
+    """existence: images and tables side by side; artwork: images/ + questions_answers_YN/;
+    code_reasoning: one question with two spaces before 'Please answer yes or no.', as in the release.
+    The question files' two styles: existence and code_reasoning as LLaVA's llava_mme.jsonl (question id
+    '<subtask>/<image>', MME's suffix swapped for the short-answer line), artwork as data.py's shapes
+    MME (question id '<subtask>/images/<image>#k', MME's own suffix kept)."""
+    tables = {
+        ('existence', '', 'a'): [("Is there a dog in this image? Please answer yes or no.", 'Yes'),
+                                 ("Is there a cat in this image? Please answer yes or no.", 'No')],
+        ('existence', '', 'b'): [("Is there a bus in this image? Please answer yes or no.", 'Yes'),
+                                 ("Is there a car in this image? Please answer yes or no.", 'No')],
+        ('artwork', 'questions_answers_YN', 'c'): [("Is this by Monet? Please answer yes or no.", 'Yes'),
+                                                   ("Is this by Dali? Please answer yes or no.", 'No')],
+        ('artwork', 'questions_answers_YN', 'd'): [("Is this a fresco? Please answer yes or no.", 'Yes'),
+                                                   ("Is this a mosaic? Please answer yes or no.", 'No')],
+        ('code_reasoning', '', 'e'): [("Does the code print 3?  Please answer yes or no.", 'Yes'),
+                                      ("Does the code print 4? Please answer yes or no.", 'No')],
+    }
+    questions = []
+    for (subtask, table_dir, name), rows in tables.items():
+        image_dir = os.path.join(root, subtask, 'images' if table_dir else '')
+        os.makedirs(image_dir, exist_ok=True)
+        os.makedirs(os.path.join(root, subtask, table_dir), exist_ok=True)
+        Image.new('RGB', (8, 8), (255, 255, 255) if name in 'ace' else (0, 0, 0)).save(os.path.join(image_dir, f'{name}.png'))
+        with open(os.path.join(root, subtask, table_dir, f'{name}.txt'), 'w') as f:
+            f.writelines(f"{question}\t{gold}\n" for question, gold in rows)
+        image = os.path.join(subtask, 'images' if table_dir else '', f'{name}.png')
+        for k, (question, _) in enumerate(rows):
+            if subtask == 'artwork':
+                question_id, text = f'{image}#{k}', question
+            else:
+                question_id = f'{subtask}/{name}.png'
+                text = question.replace('  Please answer yes or no.', ' Please answer yes or no.')
+                text = text.replace(' Please answer yes or no.', '\nAnswer the question using a single word or phrase.')
+            questions.append(dict(question_id=question_id, text=text, category=subtask, image=image))
+    return questions
+
+def test_score_mme_hand_computed_on_both_layouts(tmp_path):
+    questions = make_mme(tmp_path / 'MME')
+    texts = ["Yes.", "not sure",                          # a: yes right, no right -> image right
+             "There is no dog", "NO",                     # b: other wrong, no right
+             "", "No, there is not.",                     # c: other wrong, no right
+             "yes, it is", None,                          # d: yes right, no answer
+             "Yes. There is no cat.", "I don't know"]     # e: yes right, other wrong
+    answers = [answer(q['question_id'], text, prompt=q['text']) for q, text in zip(questions, texts) if text is not None]
+    result = ev.score_mme(answers, tmp_path / 'MME')
+    existence, artwork, code = (result['subtasks'][s] for s in ('existence', 'artwork', 'code_reasoning'))
+    # existence: acc 3/4, acc+ 1/2 -> 75 + 50
+    assert (existence['acc'], existence['acc_plus'], existence['score']) == pytest.approx((75.0, 50.0, 125.0))
+    assert (existence['questions'], existence['images'], existence['other']) == (4, 2, 1)
+    # artwork: acc 2/3 over answered questions; acc+ over the one fully answered image (c, wrong) = 0
+    assert (artwork['acc'], artwork['acc_plus'], artwork['score']) == pytest.approx((200 / 3, 0.0, 200 / 3))
+    assert (artwork['questions'], artwork['images'], artwork['other']) == (3, 1, 1)
+    # code_reasoning: acc 1/2, acc+ 0
+    assert (code['acc'], code['acc_plus'], code['score']) == pytest.approx((50.0, 0.0, 50.0))
+    assert result['perception'] == pytest.approx(125.0 + 200 / 3)
+    assert result['cognition'] == pytest.approx(50.0)
+    assert result['num_missing'] == 1
+    assert result['missing_ids'] == ['artwork/d: Is this a mosaic? Please answer yes or no.']
+
+def test_score_mme_bad_input_names_the_place(tmp_path):
+    questions = make_mme(tmp_path / 'MME')
+    with pytest.raises(ValueError, match='matches no line of a.txt'):
+        ev.score_mme([answer(questions[0]['question_id'], 'yes', prompt='Is there a unicorn?')], tmp_path / 'MME')
+    with open(tmp_path / 'MME' / 'existence' / 'a.txt', 'a') as f:
+        f.write("A question without an answer\n")
+    with pytest.raises(ValueError, match=r'a.txt:3: expected'):
+        ev.score_mme([], tmp_path / 'MME')
+
+# -----------------------------------------------------------------------------
+# bad files
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    path = tmp_path / 'answers.jsonl'
+    path.write_text('{"question_id": 1, "text": "yes"}\n\n{"question_id": 2, "text": "no"\n')
+    with pytest.raises(ValueError, match=r'answers.jsonl:3: not valid JSON'):
+        ev.read_jsonl(path)
+
+# -----------------------------------------------------------------------------
+# answering, with a stand-in model
+
+def make_tokenizer():
+    """A word-level tokenizer built in memory (the tests download nothing)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(['<|endoftext|>', '[UNK]', 'yes', 'no', 'maybe', 'USER:', 'ASSISTANT:'])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token='<|endoftext|>', unk_token='[UNK]')
+
+class FakeMoCHA(torch.nn.Module):
+    """mocha.MoCHA's generate interface: 'yes' for a bright image, 'no' for a dark one, 'maybe' without."""
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+        self.config = SimpleNamespace(template='phi', image_size=8)
+        self.word_ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ('yes', 'no', 'maybe')}
+        self.eos_id = tokenizer.eos_token_id
+        self.rows_answered = 0
+
+    def generate(self, input_ids, attention_mask, images, max_new_tokens):
+        assert not self.training
+        for mask in attention_mask:  # left padding: 0..0 1..1
+            assert torch.equal(mask, torch.sort(mask).values) and mask[-1] == 1
+        has_image = (input_ids == IMAGE_TOKEN_ID).sum(1)
+        assert has_image.max() <= 1
+        assert (images is None and has_image.sum() == 0) or len(images) == has_image.sum()
+        image_rows = iter(images if images is not None else [])
+        new_ids = []
+        for row_has_image in has_image:
+            word = ('yes' if next(image_rows).float().mean() > 127 else 'no') if row_has_image else 'maybe'
+            new_ids.append([self.word_ids[word]] + [self.eos_id] * (max_new_tokens - 1))
+        self.rows_answered += len(new_ids)
+        return torch.tensor(new_ids)
+
+def make_questions(tmp_path, count=7):
+    """Questions alternating bright/dark images, every third one without an image."""
+    os.makedirs(tmp_path / 'images', exist_ok=True)
+    Image.new('RGB', (10, 6), (250, 250, 250)).save(tmp_path / 'images' / 'bright.png')
+    Image.new('RGB', (6, 10), (5, 5, 5)).save(tmp_path / 'images' / 'dark.png')
+    questions, expected = [], []
+    for i in range(count):
+        q = dict(question_id=f'q{i}', text=f'Is it bright {i}?' + ' padding' * i, category='test')
+        if i % 3 == 2:
+            expected.append('maybe')
+        else:
+            q['image'] = 'bright.png' if i % 2 == 0 else 'dark.png'
+            expected.append('yes' if i % 2 == 0 else 'no')
+        questions.append(q)
+    write_jsonl(tmp_path / 'questions.jsonl', questions)
+    return questions, expected
+
+def test_answer_questions_writes_llava_answers_in_question_order(tmp_path):
+    questions, expected = make_questions(tmp_path)
+    tokenizer = make_tokenizer()
+    model = FakeMoCHA(tokenizer)
+    answers_file = str(tmp_path / 'out' / 'answers.jsonl')
+    ev.answer_questions(model, tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images', answers_file,
+                        batch_size=3, max_new_tokens=4, model_id='fake')
+    answers = ev.read_jsonl(answers_file)
+    assert [a['text'] for a in answers] == expected
+    assert [a['question_id'] for a in answers] == [q['question_id'] for q in questions]
+    assert answers[0] == dict(question_id='q0', prompt='Is it bright 0?', text='yes', answer_id=0,
+                              model_id='fake', metadata={})
+    assert model.training and os.listdir(tmp_path / 'out') == ['answers.jsonl']  # mode restored, shards merged
+
+def test_answer_questions_resumes_without_redoing_answers(tmp_path):
+    questions, expected = make_questions(tmp_path)
+    tokenizer = make_tokenizer()
+    model = FakeMoCHA(tokenizer)
+    answers_file = tmp_path / 'answers.jsonl'
+    old = [answer(questions[i]['question_id'], 'old', prompt=questions[i]['text']) for i in (1, 4)]
+    write_jsonl(answers_file, old)
+    ev.answer_questions(model, tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images', str(answers_file),
+                        batch_size=2, max_new_tokens=3)
+    answers = ev.read_jsonl(answers_file)
+    assert model.rows_answered == len(questions) - 2
+    assert answers[:2] == old  # appended to, not overwritten
+    assert [a['question_id'] for a in answers[2:]] == ['q0', 'q2', 'q3', 'q5', 'q6']
+    assert [a['text'] for a in answers[2:]] == [expected[i] for i in (0, 2, 3, 5, 6)]
+    ev.answer_questions(model, tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images', str(answers_file))
+    assert model.rows_answered == len(questions) - 2 and len(ev.read_jsonl(answers_file)) == len(questions)
+
+def test_missing_image_names_question_and_path(tmp_path):
+    write_jsonl(tmp_path / 'questions.jsonl', [dict(question_id=17, image='gone.png', text='What?')])
+    tokenizer = make_tokenizer()
+    with pytest.raises(FileNotFoundError, match=r'question 17: image not found: .*gone.png'):
+        ev.answer_questions(FakeMoCHA(tokenizer), tokenizer, tmp_path / 'questions.jsonl', tmp_path,
+                            str(tmp_path / 'answers.jsonl'))
+
+def answer_on_rank(rank, tmp_path, answers_file):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=rank, world_size=2)
+    tokenizer = make_tokenizer()
+    ev.answer_questions(FakeMoCHA(tokenizer), tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images',
+                        answers_file, batch_size=2, max_new_tokens=3)
+    dist.destroy_process_group()
+
+def test_two_ranks_write_the_same_answers_file_as_one(tmp_path):
+    make_questions(tmp_path)
+    tokenizer = make_tokenizer()
+    ev.answer_questions(FakeMoCHA(tokenizer), tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images',
+                        str(tmp_path / 'one.jsonl'), batch_size=2, max_new_tokens=3)
+    mp.spawn(answer_on_rank, args=(tmp_path, str(tmp_path / 'two.jsonl')), nprocs=2)
+    assert (tmp_path / 'two.jsonl').read_text() == (tmp_path / 'one.jsonl').read_text()
+    assert not [name for name in os.listdir(tmp_path) if '.rank' in name]
+
+def test_evaluate_shapes_writes_results_json_with_all_three_scores(tmp_path):
+    """The shapes layout of ev.shapes_files, filled with a tiny hand-made benchmark of each kind."""
+    files = ev.shapes_files(str(tmp_path / 'shapes'))
+    # POPE: bright images have the object
+    os.makedirs(files['pope']['image_folder']), os.makedirs(files['pope']['annotation_dir'])
+    Image.new('RGB', (8, 8), (255, 255, 255)).save(os.path.join(files['pope']['image_folder'], 'bright.png'))
+    Image.new('RGB', (8, 8), (0, 0, 0)).save(os.path.join(files['pope']['image_folder'], 'dark.png'))
+    pope_questions = [dict(question_id=i, image=image, text='Is there a circle?', category=split)
+                      for i, (split, image) in enumerate([(s, im) for s in ev.POPE_SPLITS for im in ('bright.png', 'dark.png')])]
+    write_jsonl(files['pope']['question_file'], pope_questions)
+    for split in ev.POPE_SPLITS:
+        write_jsonl(os.path.join(files['pope']['annotation_dir'], f'coco_pope_{split}.json'),
+                    [dict(image='bright.png', label='yes'), dict(image='dark.png', label='yes')])
+    # GQA: one binary question the fake gets right, one open question it gets wrong
+    os.makedirs(files['gqa']['image_folder'])
+    Image.new('RGB', (8, 8), (255, 255, 255)).save(os.path.join(files['gqa']['image_folder'], 'g.png'))
+    write_jsonl(files['gqa']['question_file'], [dict(question_id='1', image='g.png', text='Is it white?'),
+                                                dict(question_id='2', image='g.png', text='What colour?')])
+    with open(files['gqa']['questions_json'], 'w') as f:
+        json.dump({'1': dict(answer='yes', types=dict(structural='verify')),
+                   '2': dict(answer='white', types=dict(structural='query'))}, f)
+    # MME: existence / artwork / code_reasoning as in the MME scorer test
+    write_jsonl(files['mme']['question_file'], make_mme(files['mme']['mme_root']))
+    tokenizer = make_tokenizer()
+    results = ev.evaluate_shapes(FakeMoCHA(tokenizer), tokenizer, str(tmp_path / 'shapes'), str(tmp_path / 'out'),
+                                 batch_size=4, max_new_tokens=2)
+    with open(tmp_path / 'out' / 'results.json') as f:
+        assert json.load(f) == results
+    # POPE per split: bright -> yes (TP), dark -> no (FN): precision 100, recall 50, F1 66.7
+    assert results['pope']['f1_avg'] == pytest.approx(200 / 3) and results['pope']['num_missing'] == 0
+    assert (results['gqa']['accuracy'], results['gqa']['binary'], results['gqa']['open']) == (50.0, 100.0, 0.0)
+    # MME: the fake says yes to bright images (a, c, e), no to dark ones (b, d): every question of
+    # a/c/e with gold 'no' and every b/d question with gold 'yes' is wrong -> acc 50, acc+ 0 everywhere
+    assert results['mme']['perception'] == pytest.approx(100.0) and results['mme']['cognition'] == pytest.approx(50.0)
+    assert sorted(os.listdir(tmp_path / 'out')) == ['gqa_answers.jsonl', 'mme_answers.jsonl',
+                                                    'pope_answers.jsonl', 'results.json']
+
+
+def small_shapes(tmp_path_factory):
+    from data import prepare_shapes
+    root = tmp_path_factory.mktemp('shapes') / 'shapes'
+    prepare_shapes(str(root), seed=0, num_train_images=48, num_pope_images=4, num_gqa_images=4, num_mme_images=2)
+    return root
+
+
+def run_train(shapes, out_dir, *overrides, nproc=1):
+    args = ['config/shapes.py', f'--out_dir={out_dir}', f'--data_json={shapes}/pretrain.json',
+            f'--image_folder={shapes}/images', f'--tokenizer={shapes}/tokenizer', '--prepare_shapes_data=False',
+            '--eval_shapes_at_end=False', '--num_workers=0', '--batch_size=4', '--max_steps=3',
+            '--log_interval=1', '--train_encoders=False', '--template=plain', '--stage=1', *overrides]
+    if nproc == 1:
+        command = [sys.executable, 'train.py', *args]
+    else:
+        command = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port=0',
+                   'train.py', *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = [float(v) for v in open(f'{out_dir}/losses.txt').read().split()]
+    return load_file(f'{out_dir}/ckpt/model.safetensors'), losses
+
+
+def parts(state, prefix):
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_all_changed(a, b):
+    assert a.keys() == b.keys() and a
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert len(changed) == len(a), f'{len(a) - len(changed)} tensors did not change'
+
+
+def test_stage1_trains_only_moecs_and_stage2_starts_from_them(small_shapes, tmp_path):
+    untrained, _ = run_train(small_shapes, tmp_path / 'lr0', '--learning_rate=0.0')
+    stage1, losses = run_train(small_shapes, tmp_path / 'stage1')
+    assert len(losses) == 3 and all(l == l for l in losses)
+    assert_same(parts(stage1, 'llm.'), parts(untrained, 'llm.'))              # frozen LLM: bit-identical
+    assert_same(parts(stage1, 'encoders.'), parts(untrained, 'encoders.'))
+    moec_weights = {k: v for k, v in parts(stage1, 'moecs.').items() if 'experts' in k and k.endswith('weight')}
+    changed = [k for k in moec_weights if not torch.equal(moec_weights[k], untrained[k])]
+    assert len(changed) >= len(moec_weights) // 2                              # routed experts moved
+    assert all(not torch.equal(stage1[k], untrained[k]) for k in stage1 if k.endswith('gate.weight'))
+
+    stage2_args = (f'--init_from={tmp_path}/stage1/ckpt', '--stage=2', '--template=phi',
+                   f'--data_json={small_shapes}/instruct.json', '--gradient_checkpointing=True')
+    stage2_lr0, _ = run_train(small_shapes, tmp_path / 'stage2_lr0', *stage2_args, '--learning_rate=0.0')
+    assert_same(parts(stage2_lr0, 'moecs.'), parts(stage1, 'moecs.'))        # stage 2 starts from stage 1
+    stage2, _ = run_train(small_shapes, tmp_path / 'stage2', *stage2_args)
+    assert_all_changed(parts(stage2, 'llm.model.layers.0.'), parts(stage1, 'llm.model.layers.0.'))
+    assert not torch.equal(stage2['moecs.siglip.gate.weight'], stage1['moecs.siglip.gate.weight'])
+    assert_same(parts(stage2, 'encoders.'), parts(stage1, 'encoders.'))
+
+
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_shapes, tmp_path):
+    _, one = run_train(small_shapes, tmp_path / 'one', '--batch_size=4')
+    _, two = run_train(small_shapes, tmp_path / 'two', '--batch_size=2', nproc=2)
+    assert len(one) == len(two) == 3
+    assert one == pytest.approx(two, abs=1e-4)
+
+
+def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_path):
+    args = ('--max_steps=6', '--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json',
+            '--train_encoders=True')
+    full_state, full = run_train(small_shapes, tmp_path / 'full', *args)
+    run_train(small_shapes, tmp_path / 'cut', *args, '--stop_at_step=3')
+    resumed_state, resumed = run_train(small_shapes, tmp_path / 'cut', *args, '--init_from=resume')
+    assert len(full) == len(resumed) == 6
+    assert full == pytest.approx(resumed, abs=1e-5)
+    for k in full_state:
+        torch.testing.assert_close(full_state[k], resumed_state[k], atol=1e-5, rtol=1e-5)
