@@ -1258,6 +1258,7 @@ def test_evaluate_shapes_writes_results_json_with_all_three_scores(tmp_path):
                                                     'pope_answers.jsonl', 'results.json']
 
 
+@pytest.fixture(scope='module')
 def small_shapes(tmp_path_factory):
     from data import prepare_shapes
     root = tmp_path_factory.mktemp('shapes') / 'shapes'
@@ -1273,7 +1274,7 @@ def run_train(shapes, out_dir, *overrides, nproc=1):
     if nproc == 1:
         command = [sys.executable, 'train.py', *args]
     else:
-        command = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_port=0',
+        command = [sys.executable, '-m', 'torch.distributed.run', f'--standalone', f'--nproc_per_node={nproc}',
                    'train.py', *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -1311,7 +1312,13 @@ def test_stage1_trains_only_moecs_and_stage2_starts_from_them(small_shapes, tmp_
                    f'--data_json={small_shapes}/instruct.json', '--gradient_checkpointing=True')
     stage2_lr0, _ = run_train(small_shapes, tmp_path / 'stage2_lr0', *stage2_args, '--learning_rate=0.0')
     assert_same(parts(stage2_lr0, 'moecs.'), parts(stage1, 'moecs.'))        # stage 2 starts from stage 1
-    stage2, _ = run_train(small_shapes, tmp_path / 'stage2', *stage2_args)
+    stage2, _ = run_train(small_shapes, tmp_path / 'stage2', *stage2_args, '--eval_shapes_at_end=True')
+    # the trained tiny checkpoint answered every shapes benchmark and all three scorers reported
+    results = json.loads((tmp_path / 'stage2' / 'eval' / 'results.json').read_text())
+    assert {'pope', 'gqa', 'mme'} <= set(results)
+    assert results['pope']['num_missing'] == results['gqa']['num_missing'] == results['mme']['num_missing'] == 0
+    assert 0 <= results['gqa']['accuracy'] <= 100 and 0 <= results['pope']['f1_avg'] <= 100
+    assert results['mme']['perception'] is not None
     assert_all_changed(parts(stage2, 'llm.model.layers.0.'), parts(stage1, 'llm.model.layers.0.'))
     assert not torch.equal(stage2['moecs.siglip.gate.weight'], stage1['moecs.siglip.gate.weight'])
     assert_same(parts(stage2, 'encoders.'), parts(stage1, 'encoders.'))

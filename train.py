@@ -226,7 +226,10 @@ config_keys = [k for k, v in globals().items()
 start_step, skipped_total = 0, 0
 if init_from == 'resume':
     train_state = torch.load(os.path.join(resume_dir, 'train_state.pt'), weights_only=False)
-    set_optimizer_state_dict(model, optimizer, train_state['optimizer'], options=state_options)
+    # strict=False: parameters that never got a gradient (a ViT's layers after feature_layer) have no
+    # optimizer state to restore
+    set_optimizer_state_dict(model, optimizer, train_state['optimizer'],
+                             options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
     start_step, skipped_total = train_state['step'], train_state['skipped']
     torch.set_rng_state(train_state['rng'])
     log(f"resumed from {resume_dir} at step {start_step}")
