@@ -1341,3 +1341,11 @@ def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_
     assert full == pytest.approx(resumed, abs=1e-5)
     for k in full_state:
         torch.testing.assert_close(full_state[k], resumed_state[k], atol=1e-5, rtol=1e-5)
+
+
+def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path):
+    args = ('--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json')
+    _, one = run_train(small_shapes, tmp_path / 'one', *args, '--batch_size=4')
+    _, sharded = run_train(small_shapes, tmp_path / 'fsdp', *args, '--batch_size=2', '--parallel=fsdp', nproc=2)
+    assert len(one) == len(sharded) == 3
+    assert one == pytest.approx(sharded, abs=1e-4)
