@@ -483,7 +483,7 @@ def results_table(results):
 
 if __name__ == '__main__':
     # checkpoint and output
-    ckpt_dir = 'out/shapes'  # a MoCHA.save_pretrained directory
+    ckpt_dir = 'out/shapes/ckpt'  # a MoCHA.save_pretrained directory (train.py writes out_dir/ckpt)
     out_dir = ''  # answers + results.json; '' means {ckpt_dir}/eval_{benchmark}
     # what to evaluate
     benchmark = 'shapes'  # 'shapes' (all three shapes benchmarks) | 'pope' | 'gqa' | 'mme'
