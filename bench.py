@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mocha import ENCODER_ORDER, HGA, LLM_SPECS, MoCHA, MoCHAConfig, MoEC, build_llm, Encoders
+from mocha import ENCODER_ORDER, HGA, LLM_SPECS, Encoders, MoEC, build_llm
 from test_mocha import released_hga, released_moec
 
 # -----------------------------------------------------------------------------

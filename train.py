@@ -144,8 +144,7 @@ if gradient_checkpointing:
 model.to(device)
 tokenizer_ = model.tokenizer
 pad_id = tokenizer_.pad_token_id if tokenizer_.pad_token_id is not None else tokenizer_.eos_token_id
-trainable = [p for p in model.parameters() if p.requires_grad]
-log(f"stage {stage}: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable of "
+log(f"stage {stage}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable of "
     f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {model.num_visual_tokens} visual tokens")
 
 from data import LLaVADataset, collate  # noqa: E402  (after the shapes data may have been written)
@@ -179,8 +178,6 @@ def batches_from(step):
 
 # -----------------------------------------------------------------------------
 # optimizer, parallel wrapper
-optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
-                              fused=device_type == 'cuda')
 raw_model = model
 if distributed and parallel == 'fsdp':
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -188,14 +185,16 @@ if distributed and parallel == 'fsdp':
     for layer in model.llm.model.layers:  # one shard unit per decoder layer, then the rest
         fully_shard(layer, mp_policy=precision)
     fully_shard(model, mp_policy=precision)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
-                                  betas=(beta1, beta2), weight_decay=weight_decay)
 elif distributed:
     # text-only batches leave the connectors out of the graph: DDP must look for unused parameters
     model = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True)
 elif parallel not in ('ddp', 'fsdp'):
     raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+# built after the wrap: under FSDP the trainable parameters are the sharded ones
+trainable = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                              fused=device_type == 'cuda' and parallel != 'fsdp')
 state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -276,7 +275,7 @@ for step in progress:
             (out['loss'] / gradient_accumulation_steps).backward()
         parts += torch.stack([out['loss'].detach(), out['lm_loss'], out['balance_loss'], out['z_loss']]).float()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainable if parallel != 'fsdp' else model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if distributed:
