@@ -526,7 +526,7 @@ def save_scenes(rng, count, image_px, folder, name):
     return saved
 
 
-def make_training_data(out_dir, rng, num_images, image_px):
+def make_training_data(out_dir, rng, num_images, image_px, questions_per_image, caption_prob):
     """pretrain.json (captions, stage 1) and instruct.json (multi-turn QA + text-only, stage 2)."""
     pretrain, instruct = [], []
     for file, scene in save_scenes(rng, num_images, image_px, os.path.join(out_dir, 'images'), '{:06d}.png'.format):
@@ -535,9 +535,9 @@ def make_training_data(out_dir, rng, num_images, image_px):
         human = IMAGE_TEXT + '\n' + describe if rng.random() < 0.5 else describe + '\n' + IMAGE_TEXT
         pretrain.append({'id': sample_id, 'image': file, 'conversations': [
             {'from': 'human', 'value': human}, {'from': 'gpt', 'value': caption(scene)}]})
-        families = rng.sample(INSTRUCT_FAMILIES, rng.randint(2, 4))
+        families = rng.sample(INSTRUCT_FAMILIES, rng.randint(*questions_per_image))
         turns = [instruct_turn(*ask(scene, rng)[:2], rng) for ask in families]
-        if rng.random() < 0.1:
+        if rng.random() < caption_prob:
             turns.append((rng.choice(DESCRIBE), caption(scene)))
         instruct.append({'id': sample_id, 'image': file, 'conversations': conversation(turns, image=True)})
     for i in range(max(1, num_images // 50)):  # text-only samples, like the ShareGPT part of LLaVA's mix
@@ -670,8 +670,8 @@ def build_word_tokenizer(texts):
                                    unk_token='<unk>')
 
 
-def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=3000, num_pope_images=80,
-                   num_gqa_images=100, num_mme_images=20, image_px=64):
+def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_pope_images=80,
+                   num_gqa_images=100, num_mme_images=20, image_px=64, questions_per_image=(3, 5), caption_prob=0.5):
     """Write the shapes world, deterministic by seed (each part has its own random stream, so changing
     one size leaves the other parts as they were). Images are image_px-square PNGs of 1-4 non-overlapping
     objects: 4 shapes x 6 colours x 2 sizes in a 3x3 grid of positions. The benchmarks use their own
@@ -705,7 +705,8 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=3000, num_pop
     LLaVA's "\\nAnswer the question using a single word or phrase.", MME with " Please answer yes or no."."""
     stream = lambda part: random.Random(f'{seed}-{part}')  # str seeds hash deterministically (sha512)
     eval_dir = os.path.join(out_dir, 'eval')
-    pretrain, instruct = make_training_data(out_dir, stream('train'), num_train_images, image_px)
+    pretrain, instruct = make_training_data(out_dir, stream('train'), num_train_images, image_px,
+                                           questions_per_image, caption_prob)
     pope = make_pope(eval_dir, stream('pope'), num_pope_images, image_px)
     gqa = make_gqa(eval_dir, stream('gqa'), num_gqa_images, image_px)
     mme = make_mme(eval_dir, stream('mme'), num_mme_images, image_px)

@@ -45,7 +45,7 @@ num_workers = 4
 stage = 1                  # 1: MoECs (align); 2: MoECs + LLM (instruct)
 encoders = ENCODER_ORDER
 encoder_source = 'pretrained'
-encoder_resolution = 336
+encoder_resolution = 336    # one side for every encoder, or a tuple in ENCODER_ORDER
 image_size = 336
 train_encoders = False
 feature_layer = -2
@@ -121,7 +121,8 @@ elif init_from != 'scratch':
 else:
     model = MoCHA(MoCHAConfig(
         encoders=tuple(encoders), encoder_source=encoder_source,
-        encoder_resolution={name: encoder_resolution for name in ENCODER_ORDER}, image_size=image_size,
+        encoder_resolution=dict(zip(ENCODER_ORDER, encoder_resolution if isinstance(encoder_resolution, tuple)
+                                    else (encoder_resolution,) * len(ENCODER_ORDER))), image_size=image_size,
         feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
         num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter,
         llm=llm, llm_source=llm_source, tokenizer=tokenizer or None, template=template))
