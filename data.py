@@ -403,7 +403,9 @@ def ask_exist_object(scene, rng):
     else:  # half of the negatives share a colour or shape with an object in the image (harder)
         absent = absent_categories(scene)
         related = [c for c in absent if any(c[0] == o['color'] or c[1] == o['shape'] for o in scene)]
-        (color, shape), answer = rng.choice(related if related and rng.random() < 0.5 else absent), 'no'
+        pool = related if related and rng.random() < 0.5 else absent
+        # drawn as often as the category appears, like the positives: the name alone must not tell the answer
+        (color, shape), answer = rng.choices(pool, weights=[POPULARITY[c] for c in pool])[0], 'no'
     return f"Is there a {color} {shape} in the image?", answer, ('verify', 'obj', 'existAttrC')
 
 
@@ -680,7 +682,7 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
     out_dir/
       images/NNNNNN.png                     training images (pretrain and instruct share them)
       pretrain.json                         stage 1: captions, LLaVA format [{id, image, conversations}]
-      instruct.json                         stage 2: 2-5 turn QA (existence, colour, shape, count, position,
+      instruct.json                         stage 2: 3-6 turn QA (existence, colour, shape, count, position,
                                             size) + text-only samples (no "image" key)
       tokenizer/                            word-level HF tokenizer (AutoTokenizer.from_pretrained)
       eval/pope/llava_pope_test.jsonl       {question_id (int), image, text, category: random|popular|adversarial}

@@ -1333,7 +1333,7 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_s
 
 def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_path):
     args = ('--max_steps=6', '--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json',
-            '--train_encoders=True')
+            '--train_encoders=True', '--encoder_lr_scale=0.5')  # two optimizer param groups
     full_state, full = run_train(small_shapes, tmp_path / 'full', *args)
     run_train(small_shapes, tmp_path / 'cut', *args, '--stop_at_step=3')
     resumed_state, resumed = run_train(small_shapes, tmp_path / 'cut', *args, '--init_from=resume')
@@ -1341,6 +1341,16 @@ def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_
     assert full == pytest.approx(resumed, abs=1e-5)
     for k in full_state:
         torch.testing.assert_close(full_state[k], resumed_state[k], atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_lr_scale_sets_how_fast_trained_encoders_move(small_shapes, tmp_path):
+    args = ('--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json')
+    frozen, _ = run_train(small_shapes, tmp_path / 'frozen', *args)
+    still, _ = run_train(small_shapes, tmp_path / 'scale0', *args, '--train_encoders=True', '--encoder_lr_scale=0.0')
+    moving, _ = run_train(small_shapes, tmp_path / 'scale1', *args, '--train_encoders=True', '--encoder_lr_scale=1.0')
+    assert_same(parts(still, 'encoders.'), parts(frozen, 'encoders.'))            # lr 0: bit-identical
+    patch = [k for k in moving if k.startswith('encoders.') and '.clip.' in k and 'patch_embedding' in k]
+    assert patch and all(not torch.equal(moving[k], frozen[k]) for k in patch)
 
 
 def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path):

@@ -48,6 +48,7 @@ encoder_source = 'pretrained'
 encoder_resolution = 336    # one side for every encoder, or a tuple in ENCODER_ORDER
 image_size = 336
 train_encoders = False
+encoder_lr_scale = 1.0     # trained encoders learn at learning_rate * this
 feature_layer = -2
 fusion = 'sequence'
 num_experts = 4
@@ -193,9 +194,12 @@ elif distributed:
 elif parallel not in ('ddp', 'fsdp'):
     raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
 # built after the wrap: under FSDP the trainable parameters are the sharded ones
-trainable = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
-                              fused=device_type == 'cuda' and parallel != 'fsdp')
+named_trainable = [(n.removeprefix('module.'), p) for n, p in model.named_parameters() if p.requires_grad]
+trainable = [p for _, p in named_trainable]
+param_groups = [dict(params=[p for n, p in named_trainable if not n.startswith('encoders.')], lr_scale=1.0),
+                dict(params=[p for n, p in named_trainable if n.startswith('encoders.')], lr_scale=encoder_lr_scale)]
+optimizer = torch.optim.AdamW([g for g in param_groups if g['params']], lr=learning_rate, betas=(beta1, beta2),
+                              weight_decay=weight_decay, fused=device_type == 'cuda' and parallel != 'fsdp')
 state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -259,7 +263,7 @@ progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_
 step, tick, tokens_seen, history = start_step, time.time(), 0, []
 for step in progress:
     for group in optimizer.param_groups:
-        group['lr'] = lr_at(step)
+        group['lr'] = lr_at(step) * group['lr_scale']
     micro_batches = [next(batches) for _ in range(gradient_accumulation_steps)]
     # every learned token of the global batch weighs the same (not every micro-batch)
     global_targets = global_sum(sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
