@@ -1,8 +1,8 @@
 # The offline shapes world: a tiny MoCHA (all four tiny encoders, MoECs, HGA, a tiny Llama-style LM)
 # trained on 2 CPU cores in minutes, then scored on the held-out shapes POPE / GQA / MME.
 # The tiny encoders have no pretrained weights, so this config trains them too (train_encoders, off
-# in the real configs), at 1/100 of the learning rate: at the full rate they collapse within a few
-# hundred steps and the model stops looking at the image.
+# in the real configs), at 1/100 of the learning rate: at the full rate the model never learns to
+# use the image (README, "The shapes world").
 out_dir = 'out/shapes'
 prepare_shapes_data = True
 data_json = 'data/shapes/instruct.json'
