@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -835,6 +836,20 @@ def test_prepare_shapes_is_deterministic_and_complete(shapes_dir, tmp_path):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def test_shapes_images_show_their_scenes():
+    """Every object sits centred in its own cell in its colour; empty cells are plain background."""
+    rng = random.Random(0)
+    for _ in range(20):
+        scene, background = data.sample_scene(rng, 64), rng.randint(20, 60)
+        pixels = np.asarray(data.draw_scene(scene, 64, background)).astype(int)  # [64, 64, 3]
+        centres = {(row, col): pixels[int((row + 0.5) * 64 / 3), int((col + 0.5) * 64 / 3)]
+                   for row in range(3) for col in range(3)}
+        for obj in scene:
+            assert np.abs(centres.pop((obj['row'], obj['col'])) - data.COLORS[obj['color']]).max() <= 2, obj
+        assert all(np.abs(pixel - background).max() <= 2 for pixel in centres.values())
+        assert len({(o['row'], o['col']) for o in scene}) == len(scene)
 
 
 def test_shapes_training_data_loads_through_the_dataset(shapes_dir):
