@@ -1289,7 +1289,7 @@ def run_train(shapes, out_dir, *overrides, nproc=1):
     if nproc == 1:
         command = [sys.executable, 'train.py', *args]
     else:
-        command = [sys.executable, '-m', 'torch.distributed.run', f'--standalone', f'--nproc_per_node={nproc}',
+        command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
                    'train.py', *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

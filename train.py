@@ -9,6 +9,7 @@ DDP by default (NCCL on GPU, gloo on CPU); parallel='fsdp' shards the model with
 (fully_shard) so Vicuna-7B stage 2 fits 8x48 GB. Checkpoints go to out_dir/ckpt atomically and
 init_from='resume' continues a run exactly where it stopped.
 """
+import dataclasses
 import math
 import os
 import shutil
@@ -233,7 +234,7 @@ if init_from == 'resume':
     # strict=False: parameters that never got a gradient (a ViT's layers after feature_layer) have no
     # optimizer state to restore
     set_optimizer_state_dict(model, optimizer, train_state['optimizer'],
-                             options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
+                             options=dataclasses.replace(state_options, strict=False))
     start_step, skipped_total = train_state['step'], train_state['skipped']
     torch.set_rng_state(train_state['rng'])
     log(f"resumed from {resume_dir} at step {start_step}")
