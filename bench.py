@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mocha import ENCODER_ORDER, HGA, LLM_SPECS, Encoders, MoEC, build_llm
-from test_mocha import released_hga, released_moec
+from released import released_hga, released_moec
 
 # -----------------------------------------------------------------------------
 device = 'cpu'

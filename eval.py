@@ -417,7 +417,7 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
     return score_benchmark(benchmark, read_jsonl(answers_file), files)
 
 def shapes_files(shapes_dir):
-    """Where data.prepare_shapes puts each shapes benchmark (LLaVA's playground/data/eval layout)."""
+    """Where shapes.prepare_shapes puts each shapes benchmark (LLaVA's playground/data/eval layout)."""
     eval_dir = os.path.join(shapes_dir, 'eval')
     pope, gqa, mme = (os.path.join(eval_dir, name) for name in ('pope', 'gqa', 'mme'))
     return {
@@ -487,7 +487,7 @@ if __name__ == '__main__':
     out_dir = ''  # answers + results.json; '' means {ckpt_dir}/eval_{benchmark}
     # what to evaluate
     benchmark = 'shapes'  # 'shapes' (all three shapes benchmarks) | 'pope' | 'gqa' | 'mme'
-    shapes_dir = 'data/shapes'  # written by `python data.py`
+    shapes_dir = 'data/shapes'  # written by `python shapes.py`
     question_file = ''  # a LLaVA question jsonl (real benchmarks; see config/eval_*.py)
     image_folder = ''
     annotation_dir = ''  # POPE: the folder of coco_pope_{random,popular,adversarial}.json

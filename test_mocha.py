@@ -4,8 +4,8 @@ Run: python -m pytest -q        (CPU, offline; a few minutes on 2 cores)
 
 Sections: mocha.py (encoders, MoEC, HGA, the splice, generation, checkpoints) · data.py · eval.py ·
 train.py (real `python train.py` / `torchrun` runs on a small shapes world).
-The reference implementations (`released_hga`, `released_moec`) follow the released code's
-per-image / per-group / per-expert loops, written plainly; bench.py times mocha.py against them.
+The reference implementations (`released_hga`, `released_moec`, in released.py) follow the released
+code's per-image / per-group / per-expert loops, written plainly; bench.py times mocha.py against them.
 """
 import copy
 import filecmp
@@ -35,77 +35,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import data
 import eval as ev
+import shapes
 from data import SYSTEM
 from mocha import (ENCODER_ORDER, ENCODER_SPECS, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, Encoders, MoCHA,
                    MoCHAConfig, MoEC, build_backbone, build_llm)
+from released import released_hga, released_moec, tokenwise_moec
 
 TINY_RES = {name: 64 for name in ENCODER_ORDER}
-
-# -----------------------------------------------------------------------------
-# references: the released algorithms, loop by loop
-
-
-def released_hga(x, group_sizes, k_intra=7, k_inter=3):
-    """Per image, per group, edge lists and scatter-adds, as the released HGA does."""
-    outputs = []
-    for image_tokens in x:                                                   # [N, D]
-        N = image_tokens.shape[0]
-        unit = F.normalize(image_tokens, dim=-1)
-        temperature = torch.exp(1 / image_tokens.norm(dim=-1).mean())     # cancels in the min-max below
-        sim = unit @ unit.T * temperature
-        sim = sim.masked_fill(torch.eye(N, dtype=torch.bool), float('-inf'))
-        src, dst, vals = [], [], []
-        start = 0
-        for size in group_sizes:
-            own = torch.arange(start, start + size)
-            other = torch.cat([torch.arange(0, start), torch.arange(start + size, N)])
-            for columns, k in ((own, min(k_intra, size - 1)), (other, min(k_inter, N - size))):
-                if k <= 0:
-                    continue
-                v, i = sim[own][:, columns].topk(k, dim=-1)
-                src.append(own[:, None].expand(-1, k).reshape(-1))
-                dst.append(columns[i].reshape(-1))
-                vals.append(v.reshape(-1))
-            start += size
-        aggregated = torch.zeros_like(image_tokens)
-        if vals:
-            vals, src, dst = torch.cat(vals), torch.cat(src), torch.cat(dst)
-            w = (vals - vals.min()) / (vals.max() - vals.min() + 1e-8)
-            src, dst, w = torch.cat([src, dst]), torch.cat([dst, src]), torch.cat([w, w])
-            weighted = torch.zeros_like(image_tokens).index_add(0, src, w[:, None] * image_tokens[dst])
-            weight_sum = torch.zeros(N).index_add(0, src, w)
-            aggregated = weighted / (weight_sum[:, None] + 1e-8)
-        gate = torch.sigmoid(10 * ((image_tokens - aggregated).abs().mean(-1, keepdim=True) - 0.2))
-        mixed = (1 - gate) * image_tokens + gate * aggregated
-        outputs.append(F.layer_norm(mixed, mixed.shape[-1:], eps=1e-5))
-    return torch.stack(outputs)
-
-
-def released_moec(moec, x):
-    """Per image, per expert, as the released connector loops."""
-    outputs = []
-    for image_tokens in x:                                                   # [N, d_in]
-        probs = moec.gate(image_tokens).float().softmax(-1)
-        top_p, top_e = probs.topk(moec.top_k, dim=-1)
-        top_p = top_p / top_p.sum(-1, keepdim=True)
-        out = 0
-        for e, expert in enumerate(moec.experts):
-            weight = (top_p * (top_e == e)).sum(-1, keepdim=True)           # 0 where e not selected
-            routed = weight[:, 0] > 0
-            out = out + torch.zeros(image_tokens.shape[0], expert[2].out_features).index_put(
-                (routed.nonzero()[:, 0],), expert(image_tokens[routed]) * weight[routed])
-        outputs.append(out)
-    return torch.stack(outputs)
-
-
-def tokenwise_moec(moec, x):
-    """Eqs. 2-4 token by token: y = sum_{i in top-k} p_hat_i E_i(x), every expert run densely."""
-    probs = moec.gate(x).float().softmax(-1)                                # [B, N, E]
-    all_outputs = torch.stack([expert(x) for expert in moec.experts], dim=-2)  # [B, N, E, d_out]
-    top_p, top_e = probs.topk(moec.top_k, dim=-1)
-    top_p = top_p / top_p.sum(-1, keepdim=True)
-    chosen = all_outputs.gather(2, top_e[..., None].expand(-1, -1, -1, all_outputs.shape[-1]))
-    return (chosen * top_p[..., None]).sum(2)
 
 # -----------------------------------------------------------------------------
 # fixtures: a tiny word-level tokenizer and a tiny MoCHA
@@ -501,7 +437,7 @@ def test_channel_concat_ablation_uses_one_connector(tokenizer_dir):
 
 
 # =============================================================================
-# data.py: templates, label masks, bad samples, the shapes world
+# data.py: templates, label masks, bad samples; shapes.py: the shapes world
 # =============================================================================
 
 CORPUS = [SYSTEM, "USER: What color is the circle? ASSISTANT: red", "How many squares are there? 2",
@@ -808,7 +744,7 @@ SMALL = dict(num_train_images=30, num_pope_images=12, num_gqa_images=8, num_mme_
 @pytest.fixture(scope='module')
 def shapes_dir(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('shapes')
-    data.prepare_shapes(str(out_dir), seed=0, **SMALL)
+    shapes.prepare_shapes(str(out_dir), seed=0, **SMALL)
     return out_dir
 
 
@@ -817,7 +753,7 @@ def all_files(root):
 
 
 def test_prepare_shapes_is_deterministic_and_complete(shapes_dir, tmp_path):
-    data.prepare_shapes(str(tmp_path / 'again'), seed=0, **SMALL)
+    shapes.prepare_shapes(str(tmp_path / 'again'), seed=0, **SMALL)
     files = all_files(shapes_dir)
     assert files == all_files(tmp_path / 'again')
     assert all(filecmp.cmp(shapes_dir / f, tmp_path / 'again' / f, shallow=False) for f in files)
@@ -829,7 +765,7 @@ def test_prepare_shapes_is_deterministic_and_complete(shapes_dir, tmp_path):
                  for subtask in ('existence', 'count', 'position', 'color')
                  for kind, ext in (('images', 'png'), ('questions_answers_YN', 'txt'))]
     assert set(expected) <= set(files)
-    data.prepare_shapes(str(tmp_path / 'other'), seed=1, **SMALL)
+    shapes.prepare_shapes(str(tmp_path / 'other'), seed=1, **SMALL)
     assert not filecmp.cmp(shapes_dir / 'pretrain.json', tmp_path / 'other' / 'pretrain.json', shallow=False)
 
 
@@ -842,12 +778,12 @@ def test_shapes_images_show_their_scenes():
     """Every object sits centred in its own cell in its colour; empty cells are plain background."""
     rng = random.Random(0)
     for _ in range(20):
-        scene, background = data.sample_scene(rng, 64), rng.randint(20, 60)
-        pixels = np.asarray(data.draw_scene(scene, 64, background)).astype(int)  # [64, 64, 3]
+        scene, background = shapes.sample_scene(rng, 64), rng.randint(20, 60)
+        pixels = np.asarray(shapes.draw_scene(scene, 64, background)).astype(int)  # [64, 64, 3]
         centres = {(row, col): pixels[int((row + 0.5) * 64 / 3), int((col + 0.5) * 64 / 3)]
                    for row in range(3) for col in range(3)}
         for obj in scene:
-            assert np.abs(centres.pop((obj['row'], obj['col'])) - data.COLORS[obj['color']]).max() <= 2, obj
+            assert np.abs(centres.pop((obj['row'], obj['col'])) - shapes.COLORS[obj['color']]).max() <= 2, obj
         assert all(np.abs(pixel - background).max() <= 2 for pixel in centres.values())
         assert len({(o['row'], o['col']) for o in scene}) == len(scene)
 
@@ -882,7 +818,7 @@ def test_shapes_pope_files(shapes_dir):
         split_questions = [q for q in questions if q['category'] == split]
         assert [a['question_id'] for a in labels] == [q['question_id'] for q in split_questions]  # same order
         assert [a['label'] for a in labels].count('yes') == [a['label'] for a in labels].count('no')
-        assert all(q['text'] == a['text'] + data.SHORT_ANSWER for q, a in zip(split_questions, labels))
+        assert all(q['text'] == a['text'] + shapes.SHORT_ANSWER for q, a in zip(split_questions, labels))
         positives[split] = [(a['image'], a['text']) for a in labels if a['label'] == 'yes']
         negatives = {(a['image'], a['text']) for a in labels if a['label'] == 'no'}
         assert not negatives & set(positives[split])
@@ -896,7 +832,7 @@ def test_shapes_gqa_and_mme_files(shapes_dir):
     assert [q['question_id'] for q in questions] == list(gold)
     for q in questions:
         entry = gold[q['question_id']]
-        assert q['image'] == entry['imageId'] + '.png' and q['text'] == entry['question'] + data.SHORT_ANSWER
+        assert q['image'] == entry['imageId'] + '.png' and q['text'] == entry['question'] + shapes.SHORT_ANSWER
         assert (entry['answer'] in ('yes', 'no')) == (entry['types']['structural'] == 'verify')
     mme_root = shapes_dir / 'eval/mme/MME_Benchmark_release_version'
     mme = read_jsonl(shapes_dir / 'eval/mme/llava_mme.jsonl')
@@ -1053,7 +989,7 @@ def make_mme(root):
     """existence: images and tables side by side; artwork: images/ + questions_answers_YN/;
     code_reasoning: one question with two spaces before 'Please answer yes or no.', as in the release.
     The question files' two styles: existence and code_reasoning as LLaVA's llava_mme.jsonl (question id
-    '<subtask>/<image>', MME's suffix swapped for the short-answer line), artwork as data.py's shapes
+    '<subtask>/<image>', MME's suffix swapped for the short-answer line), artwork as shapes.py's shapes
     MME (question id '<subtask>/images/<image>#k', MME's own suffix kept)."""
     tables = {
         ('existence', '', 'a'): [("Is there a dog in this image? Please answer yes or no.", 'Yes'),

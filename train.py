@@ -107,7 +107,7 @@ def log(*args):
 # -----------------------------------------------------------------------------
 # data
 if prepare_shapes_data:
-    from data import prepare_shapes
+    from shapes import prepare_shapes
     if master and not os.path.exists(data_json):
         prepare_shapes(os.path.dirname(data_json))
     if distributed:

@@ -1,0 +1,454 @@
+"""
+The shapes world: a synthetic stand-in for LLaVA's data and benchmarks, made offline from a seed.
+
+`python shapes.py` (or the first `python train.py config/shapes.py`) writes data/shapes/: images of
+1-4 coloured shapes on a 3x3 grid, LLaVA-format pretrain.json / instruct.json, a word-level tokenizer,
+and held-out POPE, GQA and MME files in the real benchmarks' formats. This is nanoGPT's
+data/<name>/prepare.py role; data.py holds the real LLaVA pipeline that reads what this writes.
+"""
+import json
+import os
+import random
+from collections import Counter
+
+from PIL import Image, ImageDraw
+
+from data import IMAGE_TEXT, SYSTEM
+
+# the shapes world: scenes of 1-4 coloured shapes in a 3x3 grid
+
+SHAPES = ('circle', 'square', 'triangle', 'diamond')
+COLORS = {'red': (220, 40, 40), 'green': (40, 180, 60), 'blue': (50, 100, 235),
+          'yellow': (235, 215, 40), 'purple': (150, 60, 200), 'orange': (245, 140, 30)}
+SIZES = ('small', 'large')
+POSITIONS = (('top left', 'top', 'top right'),  # POSITIONS[row][col]
+             ('left', 'center', 'right'),
+             ('bottom left', 'bottom', 'bottom right'))
+PLACES = {'left': 'on the left', 'right': 'on the right', 'center': 'in the center'}  # else "at the <position>"
+SIDES = {'left': 'on the left side of the image', 'right': 'on the right side of the image',
+         'top': 'at the top of the image', 'bottom': 'at the bottom of the image'}
+NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four')
+CATEGORIES = [(color, shape) for color in COLORS for shape in SHAPES]  # POPE's "objects": 'red circle', ...
+# Uneven category frequencies and a bias to co-occur with a category sharing a colour or shape give POPE's
+# popular and adversarial negatives something to find, as COCO's do.
+POPULARITY = {category: 1 / (1 + 0.25 * ((7 * i) % len(CATEGORIES))) for i, category in enumerate(CATEGORIES)}
+SHORT_ANSWER = '\nAnswer the question using a single word or phrase.'  # LLaVA-1.5's VQA / POPE / GQA prompt
+YES_NO = ' Please answer yes or no.'  # MME's question ending
+DESCRIBE = ('Describe the image briefly.', 'Give a short caption for the image.', 'What is in this picture?',
+            'Summarize the visual content of the image.')
+TEXT_ONLY = (('How many sides does a triangle have?', '3'), ('How many sides does a square have?', '4'),
+             ('What color do you get when you mix red and yellow?', 'orange'),
+             ('What color do you get when you mix blue and yellow?', 'green'),
+             ('What color do you get when you mix red and blue?', 'purple'),
+             ('Does a circle have corners?', 'no'), ('Does a diamond have corners?', 'yes'))
+
+
+def sample_categories(rng, n):
+    """n distinct (color, shape) pairs, popular ones more often, later ones often related to earlier ones."""
+    chosen = []
+    while len(chosen) < n:
+        pool = [c for c in CATEGORIES if c not in chosen]
+        if chosen and rng.random() < 0.5:
+            pool = [c for c in pool if any(c[0] == o[0] or c[1] == o[1] for o in chosen)] or pool
+        chosen.append(rng.choices(pool, weights=[POPULARITY[c] for c in pool])[0])
+    return chosen
+
+
+def sample_scene(rng, image_px):
+    """1-4 objects, each centred in its own cell of a 3x3 grid (so they never overlap), in reading order.
+    Centred, because the tiny encoders are random: an object shifted inside its cell lands on different
+    pixels of a 16-px patch, and a random patch embedding then hardly tells its shape (single-object shape
+    naming: 63 % with shifts of up to the cell's slack, 99 % centred, same training)."""
+    n = rng.randint(1, 4)
+    cells = sorted(rng.sample(range(9), n))
+    cell_px = image_px / 3
+    scene = []
+    for cell, (color, shape) in zip(cells, sample_categories(rng, n)):
+        row, col = divmod(cell, 3)
+        size = rng.choice(SIZES)
+        radius = cell_px * (0.28 if size == 'small' else 0.38) * rng.uniform(0.9, 1.1)
+        scene.append(dict(color=color, shape=shape, size=size, row=row, col=col, radius=radius,
+                          x=(col + 0.5) * cell_px, y=(row + 0.5) * cell_px))
+    return scene
+
+
+def draw_scene(scene, image_px, background, supersample=4):
+    """The scene as a PIL image, drawn large and downsampled for smooth edges."""
+    canvas = Image.new('RGB', (image_px * supersample,) * 2, (background,) * 3)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene:
+        x, y, r = obj['x'] * supersample, obj['y'] * supersample, obj['radius'] * supersample
+        fill = COLORS[obj['color']]
+        if obj['shape'] == 'circle':
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        elif obj['shape'] == 'square':
+            draw.rectangle([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=fill)
+        elif obj['shape'] == 'triangle':
+            draw.polygon([(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)], fill=fill)
+        else:  # diamond
+            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    return canvas.resize((image_px, image_px), Image.LANCZOS)
+
+
+def position(obj):
+    return POSITIONS[obj['row']][obj['col']]
+
+
+def place(obj):
+    return PLACES.get(position(obj), f"at the {position(obj)}")
+
+
+def caption(scene):
+    """'a large red circle at the top left and a small blue square in the center'"""
+    phrases = [f"a {o['size']} {o['color']} {o['shape']} {place(o)}" for o in scene]
+    return phrases[0] if len(phrases) == 1 else ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
+
+
+def shape_ref(obj, scene):
+    """'the circle', or 'the circle at the top left' when the scene has more than one circle"""
+    unique = sum(o['shape'] == obj['shape'] for o in scene) == 1
+    return f"the {obj['shape']}" + ('' if unique else f" {place(obj)}")
+
+
+def color_ref(obj, scene):
+    unique = sum(o['color'] == obj['color'] for o in scene) == 1
+    return f"the {obj['color']} object" + ('' if unique else f" {place(obj)}")
+
+
+def absent_categories(scene):
+    present = {(o['color'], o['shape']) for o in scene}
+    return [c for c in CATEGORIES if c not in present]
+
+
+# Question families: (scene, rng) -> (question, answer, GQA types (structural, semantic, detailed)).
+# Answers are lower case; yes/no families say yes half the time.
+
+def ask_exist_object(scene, rng):
+    if rng.random() < 0.5:
+        obj = rng.choice(scene)
+        color, shape, answer = obj['color'], obj['shape'], 'yes'
+    else:  # half of the negatives share a colour or shape with an object in the image (harder)
+        absent = absent_categories(scene)
+        related = [c for c in absent if any(c[0] == o['color'] or c[1] == o['shape'] for o in scene)]
+        pool = related if related and rng.random() < 0.5 else absent
+        # drawn as often as the category appears, like the positives: the name alone must not tell the answer
+        (color, shape), answer = rng.choices(pool, weights=[POPULARITY[c] for c in pool])[0], 'no'
+    return f"Is there a {color} {shape} in the image?", answer, ('verify', 'obj', 'existAttrC')
+
+
+def ask_exist_shape(scene, rng):
+    present = sorted({o['shape'] for o in scene}, key=SHAPES.index)
+    absent = [s for s in SHAPES if s not in present]
+    yes = not absent or rng.random() < 0.5
+    shape = rng.choice(present if yes else absent)
+    return f"Is there a {shape} in the image?", 'yes' if yes else 'no', ('verify', 'obj', 'existC')
+
+
+def ask_count(scene, rng):
+    kind = rng.choice(('shape', 'color', 'all'))
+    if kind == 'shape':
+        shape = rng.choice(SHAPES)
+        return f"How many {shape}s are there?", str(sum(o['shape'] == shape for o in scene)), ('query', 'obj', 'count')
+    if kind == 'color':
+        color = rng.choice([o['color'] for o in scene])
+        return (f"How many {color} objects are there?", str(sum(o['color'] == color for o in scene)),
+                ('query', 'attr', 'count'))
+    return "How many objects are there?", str(len(scene)), ('query', 'obj', 'count')
+
+
+def count_question(shape, n):
+    if n == 1:
+        return f"Is there only one {shape} in the image?"
+    return f"Are there {NUMBER_WORDS[n]} {shape}s in the image?"
+
+
+def ask_count_verify(scene, rng):
+    shape = rng.choice([o['shape'] for o in scene])
+    n = sum(o['shape'] == shape for o in scene)
+    if rng.random() < 0.5:
+        return count_question(shape, n), 'yes', ('verify', 'obj', 'verifyCount')
+    wrong = rng.choice([m for m in (n - 1, n + 1) if 1 <= m <= 4])
+    return count_question(shape, wrong), 'no', ('verify', 'obj', 'verifyCount')
+
+
+def ask_color(scene, rng):
+    obj = rng.choice(scene)
+    return f"What color is {shape_ref(obj, scene)}?", obj['color'], ('query', 'attr', 'queryAttr')
+
+
+def ask_shape(scene, rng):
+    obj = rng.choice(scene)
+    return f"What shape is {color_ref(obj, scene)}?", obj['shape'], ('query', 'cat', 'queryObject')
+
+
+def ask_where(scene, rng):
+    obj = rng.choice(scene)
+    return f"Where is the {obj['color']} {obj['shape']}?", position(obj), ('query', 'rel', 'queryPosition')
+
+
+def object_sides(obj):
+    return [side for side, holds in (('left', obj['col'] == 0), ('right', obj['col'] == 2),
+                                     ('top', obj['row'] == 0), ('bottom', obj['row'] == 2)) if holds]
+
+
+def ask_side(scene, rng):
+    obj = rng.choice(scene)
+    true_sides = object_sides(obj)
+    yes = bool(true_sides) and rng.random() < 0.5
+    side = rng.choice(true_sides if yes else [s for s in SIDES if s not in true_sides])
+    return (f"Is the {obj['color']} {obj['shape']} {SIDES[side]}?", 'yes' if yes else 'no',
+            ('verify', 'rel', 'verifyPosition'))
+
+
+def ask_size(scene, rng):
+    obj = rng.choice(scene)
+    return f"What size is the {obj['color']} {obj['shape']}?", obj['size'], ('query', 'attr', 'querySize')
+
+
+def ask_choose(scene, rng):
+    obj = rng.choice(scene)
+    other = rng.choice([c for c in COLORS if c != obj['color']])
+    first, second = rng.sample([obj['color'], other], 2)
+    return f"Is {shape_ref(obj, scene)} {first} or {second}?", obj['color'], ('choose', 'attr', 'chooseAttr')
+
+
+GQA_FAMILIES = (ask_exist_object, ask_exist_shape, ask_side, ask_color, ask_shape, ask_where, ask_size, ask_choose)
+INSTRUCT_FAMILIES = GQA_FAMILIES + (ask_count, ask_count_verify)
+
+
+def instruct_turn(question, answer, rng):
+    """One human/gpt pair as LLaVA-1.5's mix phrases short answers; yes/no answers are 'Yes' / 'No'."""
+    if answer in ('yes', 'no'):
+        return question + (YES_NO if rng.random() < 0.4 else SHORT_ANSWER), answer.capitalize()
+    return question + SHORT_ANSWER, answer
+
+
+def conversation(turns, image):
+    """LLaVA conversations from (question, answer) pairs; '<image>\\n' leads the first question."""
+    conversations = []
+    for i, (question, answer) in enumerate(turns):
+        prefix = IMAGE_TEXT + '\n' if image and i == 0 else ''
+        conversations += [{'from': 'human', 'value': prefix + question}, {'from': 'gpt', 'value': answer}]
+    return conversations
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=1)
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+
+
+def save_scenes(rng, count, image_px, folder, name):
+    """Draw `count` new scenes into folder/name(i); returns [(file name, scene)]."""
+    os.makedirs(folder, exist_ok=True)
+    saved = []
+    for i in range(count):
+        scene = sample_scene(rng, image_px)
+        draw_scene(scene, image_px, background=rng.randint(20, 60)).save(os.path.join(folder, name(i)))
+        saved.append((name(i), scene))
+    return saved
+
+
+def make_training_data(out_dir, rng, num_images, image_px, questions_per_image, caption_prob):
+    """pretrain.json (captions, stage 1) and instruct.json (multi-turn QA + text-only, stage 2)."""
+    pretrain, instruct = [], []
+    for file, scene in save_scenes(rng, num_images, image_px, os.path.join(out_dir, 'images'), '{:06d}.png'.format):
+        sample_id = file[:-len('.png')]
+        describe = rng.choice(DESCRIBE)  # LCS-558K puts <image> before or after the instruction
+        human = IMAGE_TEXT + '\n' + describe if rng.random() < 0.5 else describe + '\n' + IMAGE_TEXT
+        pretrain.append({'id': sample_id, 'image': file, 'conversations': [
+            {'from': 'human', 'value': human}, {'from': 'gpt', 'value': caption(scene)}]})
+        families = rng.sample(INSTRUCT_FAMILIES, rng.randint(*questions_per_image))
+        turns = [instruct_turn(*ask(scene, rng)[:2], rng) for ask in families]
+        if rng.random() < caption_prob:
+            turns.append((rng.choice(DESCRIBE), caption(scene)))
+        instruct.append({'id': sample_id, 'image': file, 'conversations': conversation(turns, image=True)})
+    for i in range(max(1, num_images // 50)):  # text-only samples, like the ShareGPT part of LLaVA's mix
+        turns = [instruct_turn(question, answer, rng) for question, answer in rng.sample(TEXT_ONLY, 2)]
+        instruct.append({'id': f'text_{i:05d}', 'conversations': conversation(turns, image=False)})
+    rng.shuffle(instruct)
+    write_json(os.path.join(out_dir, 'pretrain.json'), pretrain)
+    write_json(os.path.join(out_dir, 'instruct.json'), instruct)
+    return pretrain, instruct
+
+
+def pope_negatives(scene, k, split, rng, frequency, cooccurrence):
+    """k absent categories: random, the most frequent ('popular'), or the ones most often seen with the
+    present ones ('adversarial'), as POPE samples its negatives. Ties go to CATEGORIES order."""
+    absent = absent_categories(scene)
+    if split == 'random':
+        return rng.sample(absent, k)
+    present = [(o['color'], o['shape']) for o in scene]
+    score = {'popular': lambda c: frequency[c],
+             'adversarial': lambda c: sum(cooccurrence[p, c] for p in present)}[split]
+    return sorted(absent, key=lambda c: -score(c))[:k]
+
+
+def make_pope(eval_dir, rng, num_images, image_px):
+    """POPE: 'Is there a <object> in the image?' with 3 (or fewer) present objects per image and as
+    many absent ones per split; the splits share the positives and differ in the negatives."""
+    images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'pope', 'val2014'), 'pope_{:05d}.png'.format)
+    frequency, cooccurrence = Counter(), Counter()
+    for _, scene in images:
+        categories = [(o['color'], o['shape']) for o in scene]
+        frequency.update(categories)
+        cooccurrence.update((a, b) for a in categories for b in categories if a != b)
+    positives = [rng.sample([(o['color'], o['shape']) for o in scene], min(3, len(scene))) for _, scene in images]
+    questions, question_id = [], 0
+    for split in ('random', 'popular', 'adversarial'):
+        annotations = []
+        for (file, scene), present in zip(images, positives):
+            negatives = pope_negatives(scene, len(present), split, rng, frequency, cooccurrence)
+            for (color, shape), label in [(c, 'yes') for c in present] + [(c, 'no') for c in negatives]:
+                text = f"Is there a {color} {shape} in the image?"
+                questions.append({'question_id': question_id, 'image': file, 'text': text + SHORT_ANSWER,
+                                  'category': split})
+                annotations.append({'question_id': question_id, 'image': file, 'text': text, 'label': label})
+                question_id += 1
+        write_jsonl(os.path.join(eval_dir, 'pope', 'coco', f'coco_pope_{split}.json'), annotations)
+    write_jsonl(os.path.join(eval_dir, 'pope', 'llava_pope_test.jsonl'), questions)
+    return questions
+
+
+def make_gqa(eval_dir, rng, num_images, image_px, questions_per_image=3):
+    """GQA-style: LLaVA's question jsonl and GQA's testdev_balanced_questions.json with question types."""
+    images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'gqa', 'images'), 'n{:05d}.png'.format)
+    questions, gqa = [], {}
+    for file, scene in images:
+        for ask in rng.sample(GQA_FAMILIES, questions_per_image):
+            question, answer, (structural, semantic, detailed) = ask(scene, rng)
+            question_id = str(20000000 + len(questions))
+            questions.append({'question_id': question_id, 'image': file, 'text': question + SHORT_ANSWER})
+            gqa[question_id] = {'imageId': file[:-len('.png')], 'question': question, 'answer': answer,
+                                'fullAnswer': answer, 'isBalanced': True,
+                                'types': {'structural': structural, 'semantic': semantic, 'detailed': detailed}}
+    write_jsonl(os.path.join(eval_dir, 'gqa', 'llava_gqa_testdev_balanced.jsonl'), questions)
+    write_json(os.path.join(eval_dir, 'gqa', 'testdev_balanced_questions.json'), gqa)
+    return questions
+
+
+def mme_pair(subtask, scene, rng):
+    """MME's two questions for one image, (question, 'Yes'), (question, 'No'); None if the scene cannot
+    give both (no absent shape, no object off-centre, ...)."""
+    obj = rng.choice(scene)
+    if subtask == 'existence':
+        absent = [s for s in SHAPES if s not in {o['shape'] for o in scene}]
+        if not absent:
+            return None
+        yes, no = f"Is there a {obj['shape']} in the image?", f"Is there a {rng.choice(absent)} in the image?"
+    elif subtask == 'count':
+        n = sum(o['shape'] == obj['shape'] for o in scene)
+        wrong = rng.choice([m for m in (n - 1, n + 1) if 1 <= m <= 4])
+        yes, no = count_question(obj['shape'], n), count_question(obj['shape'], wrong)
+    elif subtask == 'position':
+        opposite = {'left': 'right', 'right': 'left', 'top': 'bottom', 'bottom': 'top'}
+        if not object_sides(obj):
+            return None
+        side = rng.choice(object_sides(obj))
+        ref = f"the {obj['color']} {obj['shape']}"
+        yes, no = f"Is {ref} {SIDES[side]}?", f"Is {ref} {SIDES[opposite[side]]}?"
+    else:  # color: the same shape in a colour it does not have here
+        wrong = [c for c in COLORS if (c, obj['shape']) in absent_categories(scene)]
+        yes = f"Is there a {obj['color']} {obj['shape']} in the image?"
+        no = f"Is there a {rng.choice(wrong)} {obj['shape']} in the image?"
+    return (yes + YES_NO, 'Yes'), (no + YES_NO, 'No')
+
+
+def make_mme(eval_dir, rng, num_images, image_px):
+    """MME-style: MME_Benchmark_release_version/<subtask>/{images/NNNN.png, questions_answers_YN/NNNN.txt}
+    (lines 'question<TAB>Yes|No') and LLaVA's llava_mme.jsonl."""
+    root = os.path.join(eval_dir, 'mme', 'MME_Benchmark_release_version')
+    questions = []
+    for subtask in ('existence', 'count', 'position', 'color'):
+        os.makedirs(os.path.join(root, subtask, 'images'), exist_ok=True)
+        os.makedirs(os.path.join(root, subtask, 'questions_answers_YN'), exist_ok=True)
+        for i in range(num_images):
+            scene, pair = None, None
+            while pair is None:
+                scene = sample_scene(rng, image_px)
+                pair = mme_pair(subtask, scene, rng)
+            image = f'{subtask}/images/{i:04d}.png'
+            draw_scene(scene, image_px, background=rng.randint(20, 60)).save(os.path.join(root, image))
+            with open(os.path.join(root, subtask, 'questions_answers_YN', f'{i:04d}.txt'), 'w') as f:
+                f.writelines(f'{question}\t{answer}\n' for question, answer in pair)
+            questions += [{'question_id': f'{image}#{k}', 'image': image, 'text': question, 'category': subtask}
+                          for k, (question, _) in enumerate(pair)]
+    write_jsonl(os.path.join(eval_dir, 'mme', 'llava_mme.jsonl'), questions)
+    return questions
+
+
+def build_word_tokenizer(texts):
+    """A word-level HF tokenizer for exactly the words in `texts`: splits on whitespace and punctuation
+    ('Yes.' -> 'Yes', '.'), decodes words joined by spaces with no space before punctuation.
+    eos <|endoftext|> (the phi template's eos), pad <pad>, unk <unk>; no bos, like Phi-2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    words = sorted({word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(text)})
+    vocab = {token: i for i, token in enumerate(['<|endoftext|>', '<pad>', '<unk>'] + words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece(prefix='##', cleanup=True)  # cleanup: "Yes ." -> "Yes."
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token='<|endoftext|>', pad_token='<pad>',
+                                   unk_token='<unk>')
+
+
+def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_pope_images=80,
+                   num_gqa_images=100, num_mme_images=20, image_px=64, questions_per_image=(3, 5), caption_prob=0.5):
+    """Write the shapes world, deterministic by seed (each part has its own random stream, so changing
+    one size leaves the other parts as they were). Images are image_px-square PNGs of 1-4 non-overlapping
+    objects: 4 shapes x 6 colours x 2 sizes in a 3x3 grid of positions. The benchmarks use their own
+    images, none of which is used for training. Layout (eval.py reads it; LLaVA's file names):
+
+    out_dir/
+      images/NNNNNN.png                     training images (pretrain and instruct share them)
+      pretrain.json                         stage 1: captions, LLaVA format [{id, image, conversations}]
+      instruct.json                         stage 2: 3-6 turn QA (existence, colour, shape, count, position,
+                                            size) + text-only samples (no "image" key)
+      tokenizer/                            word-level HF tokenizer (AutoTokenizer.from_pretrained)
+      eval/pope/llava_pope_test.jsonl       {question_id (int), image, text, category: random|popular|adversarial}
+      eval/pope/coco/coco_pope_{random,popular,adversarial}.json
+                                            jsonl {question_id, image, text, label: yes|no}, same question_ids
+                                            and order as that category's lines in llava_pope_test.jsonl
+      eval/pope/val2014/pope_NNNNN.png
+      eval/gqa/llava_gqa_testdev_balanced.jsonl   {question_id (str), image, text}
+      eval/gqa/testdev_balanced_questions.json    {question_id: {imageId, question, answer (lower case),
+                                            fullAnswer, isBalanced, types: {structural, semantic, detailed}}}
+                                            structural: verify (yes/no) | query | choose
+      eval/gqa/images/nNNNNN.png
+      eval/mme/llava_mme.jsonl              {question_id: '<subtask>/images/NNNN.png#k', image (the same
+                                            without '#k', relative to MME_Benchmark_release_version), text,
+                                            category: subtask}; k = line of the question in its txt
+      eval/mme/MME_Benchmark_release_version/<subtask>/images/NNNN.png
+      eval/mme/MME_Benchmark_release_version/<subtask>/questions_answers_YN/NNNN.txt
+                                            two lines 'question<TAB>Yes' and 'question<TAB>No'
+                                            subtasks: existence, count, position, color
+
+    Question texts in the jsonl files have no '<image>' (eval adds '<image>\\n'); POPE and GQA end with
+    LLaVA's "\\nAnswer the question using a single word or phrase.", MME with " Please answer yes or no."."""
+    stream = lambda part: random.Random(f'{seed}-{part}')  # str seeds hash deterministically (sha512)
+    eval_dir = os.path.join(out_dir, 'eval')
+    pretrain, instruct = make_training_data(out_dir, stream('train'), num_train_images, image_px,
+                                           questions_per_image, caption_prob)
+    pope = make_pope(eval_dir, stream('pope'), num_pope_images, image_px)
+    gqa = make_gqa(eval_dir, stream('gqa'), num_gqa_images, image_px)
+    mme = make_mme(eval_dir, stream('mme'), num_mme_images, image_px)
+    texts = [SYSTEM, 'USER: ASSISTANT:', ' '.join(NUMBER_WORDS), '0 1 2 3 4 5 6 7 8 9']
+    texts += [turn['value'] for sample in pretrain + instruct for turn in sample['conversations']]
+    texts += [q['text'] for q in pope + gqa + mme]
+    tokenizer = build_word_tokenizer(texts)
+    tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
+    summary = dict(pretrain=len(pretrain), instruct=len(instruct), pope=len(pope), gqa=len(gqa), mme=len(mme),
+                   vocab=len(tokenizer))
+    print(f"wrote {out_dir}: " + ', '.join(f'{k} {v}' for k, v in summary.items()))
+    return summary
+
+
+if __name__ == '__main__':
+    prepare_shapes()
