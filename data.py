@@ -49,85 +49,88 @@ def load_image(path, image_size):
 
 
 # -----------------------------------------------------------------------------
-# conversation templates (SPEC §8)
+# conversation templates, token for token as LLaVA-1.5 / the released MoCHA code tokenise them
+# (llava/train/train.py: preprocess_multimodal, preprocess_plain, preprocess_v1; MoCHA's
+# llava/train/moec_train.py: preprocess_phi; llava/mm_utils.py: tokenizer_image_token)
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-# plain (stage 1):  <image> caption \n              learned: caption \n
-# phi, vicuna_v1:   SYSTEM USER: q ASSISTANT: a<eos>USER: q2 ASSISTANT: a2<eos>...   learned: " a<eos>"
+# plain (stage 1):  <image>caption\n                                              learned: caption\n
+# phi, vicuna_v1:   SYSTEM USER: <image>\nq ASSISTANT: a<eos>USER: q2 ASSISTANT: a2<eos>...
+#                                                                   learned: " a<eos>", " a2<eos>"
 # The two chat templates differ only in their eos, which is the tokenizer's own eos token
 # (<|endoftext|> for Phi-2, </s> for Vicuna), so both are one code path.
 TEMPLATES = ('plain', 'phi', 'vicuna_v1')
 
 
-def adds_bos(tokenizer):
-    """Whether the tokenizer starts every text with its bos token (Llama/Vicuna yes, Phi-2/GPT-2 no)."""
-    return tokenizer.bos_token_id is not None and tokenizer.encode('a')[:1] == [tokenizer.bos_token_id]
+def image_first(text):
+    """LLaVA's preprocess_multimodal: the turn that holds '<image>' becomes '<image>\n' + the rest of
+    its text, stripped, wherever the JSON put the placeholder ('Q\n<image>' and '<image>\nQ' both
+    occur in LLaVA-665K). Every LLaVA-style evaluation prompt has this layout too."""
+    if IMAGE_TEXT not in text:
+        return text
+    return (IMAGE_TEXT + '\n' + text.replace(IMAGE_TEXT, '').strip()).strip()
 
 
-def adds_prefix_space(tokenizer):
-    """Whether the tokenizer puts a space in front of every text it encodes (SentencePiece's dummy
-    prefix '▁', Llama/Vicuna): then 'a' alone encodes like the 'a' in 'a a'. Byte-level BPE
-    (GPT-2/Phi-2) keeps spaces as written ('a' != ' a')."""
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
-    return encode('a')[-1:] == encode('a a')[-1:]
+def conversation_text(conversations, template, eos):
+    """The whole conversation as the one string the released code tokenises, and the (start, end)
+    character spans of the text the model learns. An answer's span starts at the space after
+    "ASSISTANT:" and ends after its eos; plain learns everything after the image."""
+    if template == 'plain':  # preprocess_plain keeps only the image of the human turn
+        text = IMAGE_TEXT + conversations[1]['value'] + '\n'
+        return text, [(len(IMAGE_TEXT), len(text))]
+    text, learned = SYSTEM + ' ', []
+    for i, (human, gpt) in enumerate(zip(conversations[0::2], conversations[1::2])):
+        question = image_first(human['value']) if i == 0 else human['value']
+        text += f"USER: {question} ASSISTANT:"
+        answer = ' ' + gpt['value'] if gpt['value'] else ''  # an empty answer learns its eos alone
+        learned.append((len(text), len(text) + len(answer) + len(eos)))
+        text += answer + eos
+    return text, learned
 
 
-def encode_segment(text, tokenizer, at_start):
-    """Token ids of `text` as it reads inside a longer text (or at its start when at_start).
-
-    We tokenise segment by segment, so each segment must come out as it would in the joined text.
-    Segments carry their own spaces (" ASSISTANT:", " answer"). Byte-level BPE then needs nothing
-    more. A SentencePiece tokenizer would add its dummy '▁' to every segment ("USER:" right after an
-    eos would become "▁USER:"), so a segment that does not start the text is encoded behind a newline
-    anchor, whose tokens ('▁', '<0x0A>') never merge with what follows, and the anchor is dropped."""
-    if at_start or not adds_prefix_space(tokenizer):
-        return tokenizer.encode(text, add_special_tokens=False)
-    anchor = tokenizer.encode('\n', add_special_tokens=False)
-    ids = tokenizer.encode('\n' + text, add_special_tokens=False)
-    if ids[:len(anchor)] != anchor:
-        raise ValueError(f"the newline anchor merged with the segment {text!r}; cannot tokenise it alone")
-    return ids[len(anchor):]
-
-
-def encode_pieces(pieces, tokenizer):
-    """(input_ids, labels) of a list of (piece, learned): a piece is text, which may hold '<image>'
-    (-> IMAGE_TOKEN_ID), or a token id. Labels copy the ids where learned, else IGNORE_INDEX."""
-    input_ids, labels = [], []
-    if adds_bos(tokenizer):
-        input_ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
-    at_start = True  # no text before this point (a bos token is not text)
-    for piece, learned in pieces:
-        parts = [piece] if isinstance(piece, int) else split_image_text(piece)
-        for part in parts:
-            if part == '':
-                continue
-            ids = [part] if isinstance(part, int) else encode_segment(part, tokenizer, at_start)
-            at_start = False
-            input_ids += ids
-            labels += ids if learned else [IGNORE_INDEX] * len(ids)
+def tokenize_text(text, tokenizer, learned=()):
+    """(input_ids, labels) of `text`, as tokenizer_image_token does it: the text is cut at '<image>',
+    each chunk is encoded on its own (with the tokenizer's bos, kept only on the first chunk), and
+    one IMAGE_TOKEN_ID stands between chunks. So with SentencePiece (Llama, Vicuna) the chunk after
+    the image starts with its own dummy prefix '▁'; byte-level BPE (Phi-2) adds nothing.
+    A token is learned when it starts inside a `learned` character span. Labels come from the
+    character offsets of each token, never from re-counting tokens of prompt pieces, so no template
+    text inside a message and no tokenizer quirk (legacy or not) can shift them."""
+    if not tokenizer.is_fast:
+        raise ValueError(f"{type(tokenizer).__name__} gives no character offsets; load a fast tokenizer "
+                         "(AutoTokenizer with use_fast=True)")
+    input_ids, labels, chunk_start, bos = [], [], 0, None
+    for i, chunk in enumerate(text.split(IMAGE_TEXT)):
+        encoding = tokenizer(chunk, return_offsets_mapping=True)
+        ids, offsets = encoding['input_ids'], encoding['offset_mapping']
+        if i == 0:
+            bos = ids[0] if ids and ids[0] == tokenizer.bos_token_id else None
+        else:
+            input_ids.append(IMAGE_TOKEN_ID)
+            labels.append(IGNORE_INDEX)
+            if bos is not None:  # the released code drops the first token of later chunks (their bos)
+                ids, offsets = ids[1:], offsets[1:]
+        for token, (start, end) in zip(ids, offsets):
+            is_text = end > start  # bos and other added-by-template tokens cover no characters
+            at = chunk_start + start
+            input_ids.append(token)
+            labels.append(token if is_text and any(a <= at < b for a, b in learned) else IGNORE_INDEX)
+        chunk_start += len(chunk) + len(IMAGE_TEXT)
     return input_ids, labels
 
 
-def split_image_text(text):
-    """'USER: <image>\\nWhat?' -> ['USER: ', IMAGE_TOKEN_ID, '\\nWhat?']"""
-    parts = []
-    for i, chunk in enumerate(text.split(IMAGE_TEXT)):
-        parts += [IMAGE_TOKEN_ID, chunk] if i > 0 else [chunk]
-    return parts
-
-
 def conversation_problem(conversations, template):
-    """What is wrong with a LLaVA `conversations` list for this template, or None (SPEC §9)."""
+    """What is wrong with a LLaVA `conversations` list for this template, or None."""
     if not isinstance(conversations, list) or not conversations:
         return 'empty conversation'
     if len(conversations) % 2 or any(not isinstance(turn, dict) or turn.get('from') != ('human', 'gpt')[i % 2]
                                      or not isinstance(turn.get('value'), str)
                                      for i, turn in enumerate(conversations)):
         return 'turns are not human/gpt pairs with text values'
-    if template == 'plain' and len(conversations) != 2:
-        return 'plain template needs exactly one human and one gpt turn'
     num_images = sum(turn['value'].count(IMAGE_TEXT) for turn in conversations)
+    if template == 'plain' and (len(conversations) != 2 or num_images != 1):
+        return 'plain template needs exactly one human turn with <image> and one gpt turn'
     if num_images > 1:
         return 'more than one <image>'
     if num_images == 1 and IMAGE_TEXT not in conversations[0]['value']:
@@ -136,36 +139,26 @@ def conversation_problem(conversations, template):
 
 
 def tokenize_conversation(conversations, tokenizer, template):
-    """(input_ids, labels) lists for one LLaVA conversation (SPEC §8). '<image>' becomes one
-    IMAGE_TOKEN_ID where the text has it; labels are IGNORE_INDEX except what the template learns."""
+    """(input_ids, labels) lists for one LLaVA conversation: '<image>' becomes one IMAGE_TOKEN_ID,
+    labels are IGNORE_INDEX except the answers and their eos (phi, vicuna_v1) or the caption (plain)."""
     assert template in TEMPLATES, f"unknown template {template!r}, expected one of {TEMPLATES}"
     problem = conversation_problem(conversations, template)
     if problem:
         raise ValueError(problem)
-    if tokenizer.eos_token_id is None:
+    if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos token; the chat templates end every answer with it")
-    if template == 'plain':
-        # LLaVA's preprocess_plain drops the human text and keeps only the image
-        question, caption = conversations[0]['value'], conversations[1]['value']
-        pieces = [(IMAGE_TEXT if IMAGE_TEXT in question else '', False), (caption + '\n', True)]
-        return encode_pieces(pieces, tokenizer)
-    pieces, before_user = [], SYSTEM + ' '
-    for human, gpt in zip(conversations[0::2], conversations[1::2]):
-        pieces += [(f"{before_user}USER: {human['value']} ASSISTANT:", False),
-                   (' ' + gpt['value'], True),
-                   (tokenizer.eos_token_id, True)]
-        before_user = ''  # nothing between one answer's eos and the next "USER:"
-    return encode_pieces(pieces, tokenizer)
+    text, learned = conversation_text(conversations, template, tokenizer.eos_token)
+    return tokenize_text(text, tokenizer, learned)
 
 
 def build_prompt(question, tokenizer, template):
-    """Token ids of the inference prompt for one question, ending with "ASSISTANT:" (phi, vicuna_v1)
-    or just the image placeholder (plain). '<image>' in the question becomes IMAGE_TOKEN_ID; the
-    ids equal the prompt part of tokenize_conversation's ids for the same question."""
+    """Token ids of the inference prompt for one question: the training text up to and including
+    "ASSISTANT:" (phi, vicuna_v1), or just the image (plain), tokenised by the same rules, so the ids
+    equal the prompt part of tokenize_conversation's ids for the same question."""
     assert template in TEMPLATES, f"unknown template {template!r}, expected one of {TEMPLATES}"
     if template == 'plain':
-        return encode_pieces([(IMAGE_TEXT if IMAGE_TEXT in question else '', False)], tokenizer)[0]
-    return encode_pieces([(f"{SYSTEM} USER: {question} ASSISTANT:", False)], tokenizer)[0]
+        return tokenize_text(IMAGE_TEXT if IMAGE_TEXT in question else '', tokenizer)[0]
+    return tokenize_text(f"{SYSTEM} USER: {image_first(question)} ASSISTANT:", tokenizer)[0]
 
 
 # -----------------------------------------------------------------------------

@@ -450,7 +450,7 @@ CAPTION = [{'from': 'human', 'value': 'Describe the image briefly.\n<image>'},
 
 @pytest.fixture(scope='module')
 def word_tokenizer():
-    return data.build_word_tokenizer(CORPUS + ['Describe the image briefly.'])
+    return shapes.build_word_tokenizer(CORPUS + ['Describe the image briefly.'])
 
 
 @pytest.fixture(scope='module')
@@ -466,51 +466,241 @@ def bpe_tokenizer():
 
 
 @pytest.fixture(scope='module')
-def sp_tokenizer():
-    """Llama / Vicuna style, built like transformers v5's LlamaTokenizer: BPE with byte fallback,
-    Metaspace '▁' dummy prefix on the first section, <s> added in front of every text."""
-    tokenizer = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True, fuse_unk=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='first', split=True)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=['<unk>', '<s>', '</s>'])
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    # add the 256 byte tokens; the corpus has no newline, so '\n' falls back to <0x0A> as in Llama
-    model = json.loads(tokenizer.to_str())['model']
-    vocab = dict(model['vocab'], **{f'<0x{i:02X}>': len(model['vocab']) + i for i in range(256)})
-    tokenizer.model = models.BPE(vocab, [tuple(merge) for merge in model['merges']], unk_token='<unk>',
-                                 byte_fallback=True, fuse_unk=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='first', split=False)
-    tokenizer.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(content=' ', left=1)])
-    tokenizer.post_processor = processors.TemplateProcessing(single='<s> $A', special_tokens=[('<s>', 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token='<s>', eos_token='</s>', unk_token='<unk>')
+def llama_tokenizers(tmp_path_factory):
+    """Llama-2 / Vicuna style, made the way Meta's is: a SentencePiece BPE model trained with byte fallback
+    and the dummy prefix, saved as a Llama folder with only tokenizer.model, loaded by AutoTokenizer.
+    {True: legacy, False: not legacy}: the two settings in the wild, which differ on the word after </s>."""
+    import io
+    import sentencepiece
+    model = io.BytesIO()
+    corpus = CORPUS + ['The café serves 12 cakes.', 'Yes, it is red!', 'What is shown here?', 'A photo of two dogs.']
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 5), model_writer=model, vocab_size=600, model_type='bpe',
+        byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+        character_coverage=1.0, normalization_rule_name='identity', unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    tokenizers = {}
+    for legacy in (True, False):
+        folder = tmp_path_factory.mktemp(f'llama_legacy_{legacy}')
+        (folder / 'tokenizer.model').write_bytes(model.getvalue())
+        (folder / 'tokenizer_config.json').write_text(json.dumps(dict(
+            tokenizer_class='LlamaTokenizer', bos_token='<s>', eos_token='</s>', unk_token='<unk>',
+            add_bos_token=True, add_eos_token=False, legacy=legacy)))
+        tokenizers[legacy] = AutoTokenizer.from_pretrained(str(folder))
+        assert tokenizers[legacy].legacy == legacy
+    return tokenizers
 
 
-def reference_encoding(conversations, tokenizer, template):
-    """The independent way: join the whole conversation into one string, encode it once with '<image>'
-    as a special token, and mark learned tokens by their character offsets."""
-    eos = tokenizer.eos_token
-    if template == 'plain':
-        text, learned_spans = '<image>' + conversations[1]['value'] + '\n', [(7, None)]
-    else:
-        text, learned_spans = SYSTEM + ' ', []
-        for human, gpt in zip(conversations[0::2], conversations[1::2]):
-            text += f"USER: {human['value']} ASSISTANT:"
-            start = len(text)
-            text += ' ' + gpt['value'] + eos
-            learned_spans.append((start, len(text)))
-    learned_spans = [(start, end or len(text)) for start, end in learned_spans]
-    oracle = copy.deepcopy(tokenizer)
-    oracle.add_special_tokens({'additional_special_tokens': ['<image>']})
-    encoding = oracle(text, return_offsets_mapping=True)
-    image_id = oracle.convert_tokens_to_ids('<image>')
-    input_ids = [IMAGE_TOKEN_ID if i == image_id else i for i in encoding['input_ids']]
-    labels = [i if end > start and any(s <= start and end <= e for s, e in learned_spans) else IGNORE_INDEX
-              for i, (start, end) in zip(input_ids, encoding['offset_mapping'])]
-    return input_ids, labels
+@pytest.fixture(scope='module')
+def tokenizers(word_tokenizer, bpe_tokenizer, llama_tokenizers):
+    return {'word': word_tokenizer, 'bpe': bpe_tokenizer, 'llama': llama_tokenizers[True],
+            'llama-nonlegacy': llama_tokenizers[False]}
 
 
 # -----------------------------------------------------------------------------
-# templates and label masks (SPEC §8)
+# the released preprocessing, re-typed plainly for one sample: the reference our templates must equal
+
+def released_tokenizer_image_token(prompt, tokenizer):
+    """llava/mm_utils.py tokenizer_image_token: encode the text between '<image>'s one chunk at a time,
+    keep the first chunk's bos and drop every later chunk's first token (its bos)."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split('<image>')]
+    offset = 1 if chunks[0] and chunks[0][0] == tokenizer.bos_token_id else 0
+    input_ids = chunks[0]
+    for chunk in chunks[1:]:
+        input_ids = input_ids + [IMAGE_TOKEN_ID] + chunk[offset:]
+    return input_ids
+
+
+def released_preprocess(conversations, tokenizer, template, has_image):
+    """LLaVA-1.5 train.py preprocess_multimodal + preprocess_plain / preprocess_v1 (vicuna_v1) and MoCHA's
+    moec_train.py preprocess_phi, for one sample: (input_ids, labels, mismatch). mismatch is the released
+    "tokenization mismatch" case, in which it masks the whole sample. The released code counts the
+    sequence's length as its non-pad tokens; one sample has no padding, so that is its length here."""
+    conversations = copy.deepcopy(conversations)
+    if has_image:  # preprocess_multimodal
+        for turn in conversations:
+            if '<image>' in turn['value']:
+                turn['value'] = ('<image>\n' + turn['value'].replace('<image>', '').strip()).strip()
+    tokenize = ((lambda text: released_tokenizer_image_token(text, tokenizer)) if has_image
+                else (lambda text: tokenizer(text).input_ids))
+    if template == 'plain':
+        input_ids = released_tokenizer_image_token('<image>' + conversations[1]['value'] + '\n', tokenizer)
+        masked = len(released_tokenizer_image_token('<image>', tokenizer))
+        return input_ids, [IGNORE_INDEX] * masked + input_ids[masked:], False
+    eos = tokenizer.eos_token
+    prompt = SYSTEM + ' '  # conversation.py, SeparatorStyle.TWO: sep ' ', sep2 eos
+    for i, turn in enumerate(conversations):
+        role = ('USER', 'ASSISTANT')[i % 2]
+        prompt += f"{role}: {turn['value']}{(' ', eos)[i % 2]}" if turn['value'] else f"{role}:"
+    input_ids = tokenize(prompt)
+    labels, sep = list(input_ids), ' ASSISTANT: '
+    cur_len = 1 if template == 'vicuna_v1' else 0  # vicuna skips its bos; phi has none
+    labels[:cur_len] = [IGNORE_INDEX] * cur_len
+    for i, round_text in enumerate(prompt.split(eos)):
+        parts = round_text.split(sep)
+        if round_text == '' or len(parts) != 2:
+            break
+        if template == 'vicuna_v1':
+            round_len, instruction_len = len(tokenize(round_text)), len(tokenize(parts[0] + sep)) - 2
+            if i != 0 and not tokenizer.legacy:  # IS_TOKENIZER_GREATER_THAN_0_14 holds for us
+                round_len, instruction_len = round_len - 1, instruction_len - 1
+        else:
+            round_len, instruction_len = len(tokenize(round_text)) + 1, len(tokenize(parts[0] + sep)) - 1
+        for j in range(cur_len, min(cur_len + max(instruction_len, 0), len(labels))):
+            labels[j] = IGNORE_INDEX
+        cur_len += round_len
+    labels[cur_len:] = [IGNORE_INDEX] * max(len(labels) - cur_len, 0)
+    mismatch = cur_len != len(input_ids)
+    return input_ids, [IGNORE_INDEX] * len(labels) if mismatch else labels, mismatch
+
+
+def llava_conversations(seed=0, count=30):
+    """LLaVA-format conversations as the data has them: <image> first, last or mid-text, 1-3 rounds,
+    text-only samples, unicode and digits, answers ending in punctuation or whitespace."""
+    rng = random.Random(seed)
+    questions = ['What color is the circle?', 'How many squares are there?', 'Is there a blue triangle?',
+                 'Describe the café in 2 words.', 'Wie viele Äpfel? 日本', 'What is 12 + 30?', 'Why?  ']
+    answers = ['red', '2', 'Yes', 'No.', 'A small café, 12 cakes!', '42', 'Because it is red. ', 'yes\n',
+               'Der Apfel ist grün 🍏', '3.14']
+    samples = []
+    for k in range(count):
+        turns = []
+        for _ in range(rng.randint(1, 3)):
+            turns += [{'from': 'human', 'value': rng.choice(questions)}, {'from': 'gpt', 'value': rng.choice(answers)}]
+        has_image = k % 5 != 4  # every fifth sample is text-only
+        if has_image:
+            question = turns[0]['value']
+            turns[0]['value'] = rng.choice([f'<image>\n{question}', f'{question}\n<image>', f'{question} <image>',
+                                            f'Look: <image> {question}', f'  <image>{question}'])
+        samples.append((turns, has_image))
+    return samples
+
+
+def learned_text(input_ids, labels, tokenizer):
+    return tokenizer.decode([label for label in labels if label != IGNORE_INDEX])
+
+
+# -----------------------------------------------------------------------------
+# templates and label masks
+
+@pytest.mark.parametrize('template, tokenizer_name', [
+    ('phi', 'bpe'), ('plain', 'bpe'), ('vicuna_v1', 'llama'), ('vicuna_v1', 'llama-nonlegacy'), ('plain', 'llama'),
+    ('plain', 'llama-nonlegacy'), ('phi', 'llama')])  # the last: the released Vicuna script passes --version phi
+def test_templates_equal_the_released_preprocessing_token_for_token(template, tokenizer_name, tokenizers):
+    """The same conversation gives the released input_ids and labels on real sub-word mechanics
+    (byte-level BPE as Phi-2; SentencePiece with byte fallback and dummy prefix as Llama-2, legacy on
+    and off). Where the released masking reports a mismatch (it then learns nothing from the sample),
+    ours must still learn exactly the answers."""
+    tokenizer = tokenizers[tokenizer_name]
+    eos = tokenizer.eos_token
+    samples = llava_conversations()
+    if template == 'plain':
+        samples = [([{'from': 'human', 'value': turns[0]['value']}, turns[1]], True) for turns, image in samples if image]
+    exact = 0
+    for conversations, has_image in samples:
+        ours = data.tokenize_conversation(conversations, tokenizer, template)
+        released_ids, released_labels, mismatch = released_preprocess(conversations, tokenizer, template, has_image)
+        assert ours[0] == released_ids, conversations
+        if not mismatch:
+            assert ours[1] == released_labels, conversations
+            exact += 1
+        answers = [turn['value'] for turn in conversations[1::2]]
+        expected = answers[0] + '\n' if template == 'plain' else ''.join(f' {a}{eos}' for a in answers)
+        assert ''.join(learned_text(*ours, tokenizer).split()) == ''.join(expected.split())
+    # the released masking is right on Phi-2's BPE and on legacy Llama for all of these; non-legacy
+    # Llama breaks it on multi-round samples, as it does on real Vicuna vocabularies
+    one_round = sum(len(c) == 2 for c, _ in samples)
+    if template == 'phi' and tokenizer_name == 'llama':
+        # phi's offsets count a bos in every round: right on the first, one off after it
+        assert exact == one_round < len(samples)
+    elif template == 'plain' or tokenizer_name == 'bpe' or tokenizer.legacy:
+        assert exact == len(samples)
+    else:  # non-legacy Llama: the released one-token shift fits Llama-2's own pieces, not this vocabulary's
+        assert exact == one_round < len(samples)
+
+
+@pytest.mark.parametrize('legacy', [True, False])
+def test_image_goes_first_and_the_text_after_it_is_its_own_chunk(legacy, llama_tokenizers, bpe_tokenizer):
+    """preprocess_multimodal moves <image> to the front of its turn; tokenizer_image_token encodes the text
+    after it alone, so SentencePiece gives it a dummy prefix: '▁', '<0x0A>', ... and '▁The' for a caption."""
+    llama_tokenizer = llama_tokenizers[legacy]
+    image_last = [{'from': 'human', 'value': 'What color is the circle?\n<image>'}, {'from': 'gpt', 'value': 'red'}]
+    image_first = [{'from': 'human', 'value': '<image>\nWhat color is the circle?'}, {'from': 'gpt', 'value': 'red'}]
+    for template in ('phi', 'vicuna_v1'):
+        assert (data.tokenize_conversation(image_last, llama_tokenizer, template)
+                == data.tokenize_conversation(image_first, llama_tokenizer, template))
+    input_ids, _ = data.tokenize_conversation(image_last, llama_tokenizer, 'vicuna_v1')
+    after_image = llama_tokenizer.convert_ids_to_tokens(input_ids[input_ids.index(IMAGE_TOKEN_ID) + 1:][:3])
+    assert after_image[:2] == ['▁', '<0x0A>'] and after_image[2].startswith('W')
+    caption = [{'from': 'human', 'value': '<image>'}, {'from': 'gpt', 'value': 'The cat.'}]
+    input_ids, labels = data.tokenize_conversation(caption, llama_tokenizer, 'plain')
+    assert input_ids[:2] == [llama_tokenizer.bos_token_id, IMAGE_TOKEN_ID] and labels[:2] == [IGNORE_INDEX] * 2
+    assert llama_tokenizer.convert_ids_to_tokens(input_ids[2]) == '▁The'
+    input_ids, _ = data.tokenize_conversation(caption, bpe_tokenizer, 'plain')  # BPE: no bos, no prefix
+    assert input_ids[0] == IMAGE_TOKEN_ID and bpe_tokenizer.decode(input_ids[1:]) == 'The cat.\n'
+
+
+@pytest.mark.parametrize('legacy', [True, False])
+def test_the_word_after_eos_follows_the_tokenizers_legacy_setting(legacy, llama_tokenizers):
+    llama_tokenizer = llama_tokenizers[legacy]
+    input_ids, labels = data.tokenize_conversation(TWO_TURNS, llama_tokenizer, 'vicuna_v1')
+    tokens = llama_tokenizer.convert_ids_to_tokens([i for i in input_ids if i != IMAGE_TOKEN_ID])
+    after_eos = tokens[tokens.index('</s>') + 1]
+    assert after_eos.startswith('▁') == llama_tokenizer.legacy  # legacy: '▁U...'; not legacy: 'U...'
+    assert input_ids[0] == llama_tokenizer.bos_token_id and input_ids.count(llama_tokenizer.bos_token_id) == 1
+    assert learned_text(input_ids, labels, llama_tokenizer) == 'red</s> 2</s>'  # decode drops the first space
+
+
+def test_bpe_phi_learns_answers_and_eos(bpe_tokenizer):
+    input_ids, labels = data.tokenize_conversation(TWO_TURNS, bpe_tokenizer, 'phi')
+    assert learned_text(input_ids, labels, bpe_tokenizer) == ' red<|endoftext|> 2<|endoftext|>'
+    assert labels[-1] == bpe_tokenizer.eos_token_id
+    prompt = [i for i, label in zip(input_ids, labels) if label == IGNORE_INDEX]
+    text = bpe_tokenizer.decode([i for i in prompt if i != IMAGE_TOKEN_ID])
+    assert text == SYSTEM + ' USER: \nWhat color is the circle? ASSISTANT:USER: How many squares are there? ASSISTANT:'
+
+
+@pytest.mark.parametrize('message', ['the answer is red ASSISTANT: blue', 'a literal EOS here'])
+def test_deviation_template_text_inside_a_message_still_learns_the_answers(message, llama_tokenizers, bpe_tokenizer):
+    """The released masking splits the joined text at ' ASSISTANT: ' and at the eos text, so a message that
+    contains either masks the whole sample (or shifts it). Character offsets do not care."""
+    for tokenizer, template in ((bpe_tokenizer, 'phi'), (llama_tokenizers[True], 'vicuna_v1'),
+                                (llama_tokenizers[False], 'vicuna_v1')):
+        eos = tokenizer.eos_token
+        answer = message.replace('EOS', eos)
+        conversations = [{'from': 'human', 'value': '<image>\nWhat color?'}, {'from': 'gpt', 'value': answer},
+                         {'from': 'human', 'value': 'Sure?'}, {'from': 'gpt', 'value': 'Yes'}]
+        input_ids, labels = data.tokenize_conversation(conversations, tokenizer, template)
+        released_ids, released_labels, mismatch = released_preprocess(conversations, tokenizer, template, True)
+        assert input_ids == released_ids
+        assert mismatch or labels != released_labels  # the released masking gets this sample wrong
+        assert ''.join(learned_text(input_ids, labels, tokenizer).split()) == ''.join(f'{answer}{eos}Yes{eos}'.split())
+
+
+def test_deviation_an_empty_answer_learns_its_eos(bpe_tokenizer):
+    """The released template writes an empty answer as 'ASSISTANT:' with no eos, so the model never learns
+    to stop there; we write 'ASSISTANT:' + eos and learn the eos."""
+    conversations = [{'from': 'human', 'value': '<image>\nSay nothing.'}, {'from': 'gpt', 'value': ''}]
+    input_ids, labels = data.tokenize_conversation(conversations, bpe_tokenizer, 'phi')
+    assert [label for label in labels if label != IGNORE_INDEX] == [bpe_tokenizer.eos_token_id]
+    assert bpe_tokenizer.decode(input_ids[-2:]) == ':<|endoftext|>'
+
+
+@pytest.mark.parametrize('tokenizer_name', ['word', 'bpe', 'llama', 'llama-nonlegacy'])
+@pytest.mark.parametrize('template', ['plain', 'phi', 'vicuna_v1'])
+def test_build_prompt_is_the_training_prompt(tokenizer_name, template, tokenizers):
+    tokenizer = tokenizers[tokenizer_name]
+    for conversations, _ in llava_conversations(count=10):
+        conversations = conversations[:2]
+        if template == 'plain' and '<image>' not in conversations[0]['value']:
+            continue
+        input_ids, labels = data.tokenize_conversation(conversations, tokenizer, template)
+        first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        prompt = data.build_prompt(conversations[0]['value'], tokenizer, template)
+        assert prompt == input_ids[:first_learned]
+        if template == 'plain':
+            assert prompt == input_ids[:1 + (tokenizer.bos_token_id is not None and input_ids[0] == tokenizer.bos_token_id)]
+
 
 def test_phi_label_mask_token_by_token_on_word_tokenizer(word_tokenizer):
     vocab = word_tokenizer.get_vocab()
@@ -533,53 +723,6 @@ def test_plain_learns_caption_only_on_word_tokenizer(word_tokenizer):
     input_ids, labels = data.tokenize_conversation(CAPTION, word_tokenizer, 'plain')
     assert input_ids == [IMAGE_TOKEN_ID] + caption  # human text dropped; '\n' is whitespace to a word tokenizer
     assert labels == [IGNORE_INDEX] + caption
-
-
-@pytest.mark.parametrize('tokenizer_name', ['word_tokenizer', 'bpe_tokenizer', 'sp_tokenizer'])
-@pytest.mark.parametrize('template', ['plain', 'phi', 'vicuna_v1'])
-def test_segments_equal_whole_string_encoding(tokenizer_name, template, request):
-    tokenizer = request.getfixturevalue(tokenizer_name)
-    image_last = [dict(TWO_TURNS[0], value='What color is the circle?\n<image>')] + TWO_TURNS[1:]
-    for conversations in ([CAPTION] if template == 'plain' else [TWO_TURNS, image_last]):
-        input_ids, labels = data.tokenize_conversation(conversations, tokenizer, template)
-        assert (input_ids, labels) == reference_encoding(conversations, tokenizer, template)
-        assert input_ids.count(IMAGE_TOKEN_ID) == 1
-
-
-def test_bpe_phi_learns_answers_and_eos(bpe_tokenizer):
-    input_ids, labels = data.tokenize_conversation(TWO_TURNS, bpe_tokenizer, 'phi')
-    assert not data.adds_bos(bpe_tokenizer) and not data.adds_prefix_space(bpe_tokenizer)
-    learned = [label for label in labels if label != IGNORE_INDEX]
-    assert bpe_tokenizer.decode(learned) == ' red<|endoftext|> 2<|endoftext|>'
-    assert labels[-1] == bpe_tokenizer.eos_token_id
-    prompt = [i for i, label in zip(input_ids, labels) if label == IGNORE_INDEX]
-    text = bpe_tokenizer.decode([i for i in prompt if i != IMAGE_TOKEN_ID])
-    assert text == SYSTEM + ' USER: \nWhat color is the circle? ASSISTANT:USER: How many squares are there? ASSISTANT:'
-
-
-def test_sentencepiece_vicuna_bos_and_no_stray_prefix(sp_tokenizer):
-    assert data.adds_bos(sp_tokenizer) and data.adds_prefix_space(sp_tokenizer)
-    input_ids, labels = data.tokenize_conversation(TWO_TURNS, sp_tokenizer, 'vicuna_v1')
-    assert input_ids[0] == sp_tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
-    assert input_ids.count(sp_tokenizer.bos_token_id) == 1
-    tokens = sp_tokenizer.convert_ids_to_tokens([i for i in input_ids if i != IMAGE_TOKEN_ID])
-    eos_at = tokens.index('</s>')
-    assert tokens[eos_at + 1] != '▁' and tokens[eos_at + 1].startswith('U')  # "USER" after eos, no dummy '▁'
-    learned = [label for label in labels if label != IGNORE_INDEX]
-    assert sp_tokenizer.decode(learned) == 'red</s> 2</s>'  # the decoder strips the first leading space
-
-
-@pytest.mark.parametrize('tokenizer_name', ['word_tokenizer', 'bpe_tokenizer', 'sp_tokenizer'])
-@pytest.mark.parametrize('template', ['plain', 'phi', 'vicuna_v1'])
-def test_build_prompt_is_the_training_prompt(tokenizer_name, template, request):
-    tokenizer = request.getfixturevalue(tokenizer_name)
-    conversations = TWO_TURNS[:2] if template != 'plain' else CAPTION
-    input_ids, labels = data.tokenize_conversation(conversations, tokenizer, template)
-    first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    prompt = data.build_prompt(conversations[0]['value'], tokenizer, template)
-    assert prompt == input_ids[:first_learned]
-    if template == 'plain':
-        assert prompt == [tokenizer.bos_token_id] * data.adds_bos(tokenizer) + [IMAGE_TOKEN_ID]
 
 
 def test_text_only_conversation_has_no_placeholder(word_tokenizer):
@@ -1205,8 +1348,9 @@ def test_evaluate_shapes_writes_results_json_with_all_three_scores(tmp_path):
     # MME: the fake says yes to bright images (a, c, e), no to dark ones (b, d): every question of
     # a/c/e with gold 'no' and every b/d question with gold 'yes' is wrong -> acc 50, acc+ 0 everywhere
     assert results['mme']['perception'] == pytest.approx(100.0) and results['mme']['cognition'] == pytest.approx(50.0)
-    assert sorted(os.listdir(tmp_path / 'out')) == ['gqa_answers.jsonl', 'mme_answers.jsonl',
-                                                    'pope_answers.jsonl', 'results.json']
+    assert sorted(os.listdir(tmp_path / 'out')) == ['gqa_answers.jsonl', 'mme_answers.jsonl', 'mme_results',
+                                                    'pope_answers.jsonl', 'results.json',
+                                                    'testdev_balanced_predictions.json']
 
 
 @pytest.fixture(scope='module')
