@@ -1,13 +1,17 @@
 """
 Benchmarks, after nanoGPT's bench.py:
-1) MoEC and HGA forward / forward+backward at the paper's shapes, against the released
-   per-image / per-expert loops (the references in test_mocha.py) and, for MoEC, against the
-   same FLOPs done as dense batched matmuls. Every ratio is measured in the same run.
-2) The parameter breakdown of full-size MoCHA-Phi2 and MoCHA-Vicuna7B, built offline on the
-   meta device (no memory, no weights).
+1) speed: MoEC and HGA forward / forward+backward at the paper's shapes, against the released
+   per-image / per-expert loops (released.py) and, for MoEC, against the same FLOPs done as dense
+   batched matmuls. Every ratio is measured in the same run.
+2) params: the parameter breakdown of full-size MoCHA-Phi2 and MoCHA-Vicuna7B, built offline on
+   the meta device (no memory, no weights).
+3) memory: per-GPU memory and FLOPs of one training step of every shipped real config
+   (config/stage{1,2}*.py) under DDP and FSDP at 8 GPUs, traced at full size on fake tensors
+   with PyTorch's MemTracker / FSDPMemTracker and FlopCounterMode.
 
-    python bench.py                     # float32 on whatever device is there
-    python bench.py --device=cuda --dtype=bfloat16
+    python bench.py                     # all three, float32 on whatever device is there
+    python bench.py --table=speed --device=cuda --dtype=bfloat16
+    python bench.py --table=memory      # about 3 minutes on 2 CPU cores, no GPU needed
 """
 import time
 
@@ -26,6 +30,13 @@ d_enc, d_llm = 1024, 2560           # Phi-2's width
 moec_tokens = 576
 repeats = 3
 seed = 0
+table = 'all'              # 'speed' | 'params' | 'memory' | 'all'
+# memory table: the shipped real configs, traced at world_size GPUs
+configs = 'config/stage1.py,config/stage2.py,config/stage1_vicuna7b.py,config/stage2_vicuna7b.py'
+world_size = 8
+llm_layers = 0             # > 0 cuts the traced towers to that depth (the test's quick run); 0 = full size
+encoder_layers = 0
+memory_json = ''           # also write the memory table's rows here, as JSON
 exec(open('configurator.py').read())
 # -----------------------------------------------------------------------------
 torch.manual_seed(seed)
@@ -74,9 +85,10 @@ def ratio_row(name, ours, reference):
     print(f"{name:<44s} {ours * 1e3:9.1f} ms {reference * 1e3:9.1f} ms   {reference / ours:5.2f}x")
 
 
-print(f"device {device}, dtype {dtype}, torch threads {torch.get_num_threads()}")
-print(f"{'':<44s} {'nanoMoCHA':>12s} {'reference':>12s}   speed-up")
-with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+if table in ('speed', 'all'):
+  print(f"device {device}, dtype {dtype}, torch threads {torch.get_num_threads()}")
+  print(f"{'':<44s} {'nanoMoCHA':>12s} {'reference':>12s}   speed-up")
+  with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
     # HGA at B=4, N=1693, D=2560 (the released reference runs in float32 always)
     hga = HGA()
     x = torch.randn(batch_size, sum(group_sizes), d_llm, device=device)

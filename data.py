@@ -277,3 +277,54 @@ def collate(batch, pad_token_id, image_size=None):
     images = torch.stack(images) if images else torch.zeros((0, 3, size, size), dtype=torch.uint8)
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images,
                 ids=[s['id'] for s in samples], num_skipped=len(batch) - len(samples))
+
+
+# -----------------------------------------------------------------------------
+# dry run: the data as the model will get it, read before a GPU is paid for (train.py --dry_run=True)
+
+def show_tokens(input_ids, labels, tokenizer):
+    """One sample, piece by piece: the tokenizer's own pieces ('▁' and 'Ġ' are spaces) joined by '|',
+    learned pieces in ⟦ ⟧, the image placeholder as <image>."""
+    pieces = []
+    for token, label in zip(input_ids, labels):
+        piece = '<image>' if token == IMAGE_TOKEN_ID else tokenizer.convert_ids_to_tokens(token)
+        pieces.append(f'⟦{piece}⟧' if label != IGNORE_INDEX else piece)
+    return '|'.join(pieces)
+
+
+def dry_run_report(dataset, num_shown=3, max_skipped_fraction=0.01):
+    """Print the first samples token by token, the visual-token count, and the length distribution once
+    each image counts as its visual tokens, with how many samples max_length cuts or skips and why.
+    Images are not decoded (their files were checked to exist). Returns the problems found, as strings:
+    a sample with nothing to learn, or more than max_skipped_fraction of the samples skipped."""
+    tokenizer, visual = dataset.tokenizer, dataset.num_visual_tokens
+    print(f"{dataset.json_path}: template {dataset.template!r}, tokenizer {type(tokenizer).__name__} "
+          f"({getattr(tokenizer, 'name_or_path', '')}), {visual} visual tokens per image, max_length {dataset.max_length}")
+    lengths, skipped, cut, problems = [], Counter(dataset.skipped), 0, []
+    for index, sample in enumerate(dataset.samples):
+        input_ids, labels = tokenize_conversation(sample['conversations'], dataset.tokenizer, dataset.template)
+        if index < num_shown:
+            print(f"\nsample {sample['id']!r} ({len(input_ids)} ids):\n{show_tokens(input_ids, labels, tokenizer)}")
+        lengths.append(len(input_ids) + (visual - 1 if IMAGE_TOKEN_ID in input_ids else 0))
+        fitted = fit_to_length(input_ids, labels, dataset.max_length, visual)
+        if isinstance(fitted, str):
+            skipped[fitted] += 1
+            if fitted.startswith('nothing to learn'):
+                problems.append(f"sample {sample['id']!r}: {fitted}")
+        elif len(fitted[0]) < len(input_ids):
+            cut += 1
+    total = len(dataset.samples) + sum(dataset.skipped.values())
+    if lengths:
+        q = torch.tensor(lengths, dtype=torch.float).quantile(torch.tensor([0.0, 0.5, 0.95, 0.99, 1.0])).tolist()
+        print(f"\n{len(lengths)} samples; length with visual tokens: min {q[0]:.0f}, median {q[1]:.0f}, "
+              f"p95 {q[2]:.0f}, p99 {q[3]:.0f}, max {q[4]:.0f}")
+    print(f"cut at max_length={dataset.max_length} (tail dropped, answers before it kept): {cut}")
+    for reason, count in skipped.most_common():
+        print(f"skipped: {count} x {reason}")
+    if dataset.image_token_added:
+        print(f"'<image>\\n' put in front of the first turn of {dataset.image_token_added} samples that name an image "
+              "but have no <image> in their text")
+    if total and sum(skipped.values()) > max_skipped_fraction * total:
+        problems.append(f"{sum(skipped.values())} of {total} samples skipped, more than "
+                        f"max_skipped_fraction={max_skipped_fraction}")
+    return problems

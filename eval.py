@@ -414,7 +414,56 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
                      batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    return score_benchmark(benchmark, read_jsonl(answers_file), files)
+    answers = read_jsonl(answers_file)
+    results = score_benchmark(benchmark, answers, files)
+    if benchmark == 'gqa':  # the inputs of the official scorers, to check these numbers with them
+        write_gqa_predictions(answers, files['questions_json'], out_dir)
+    elif benchmark == 'mme':
+        write_mme_results(answers, files['mme_root'], out_dir)
+    return results
+
+# -----------------------------------------------------------------------------
+# the official scorers' input files, written next to the answers (README, "Scoring with the official tools")
+
+def write_gqa_predictions(answers, questions_json, out_dir):
+    """GQA eval.py's predictions file, as LLaVA's convert_gqa_for_eval.py writes it: a JSON list of
+    {questionId, prediction}, the prediction being score_gqa's (trailing '.' stripped, lower case). Named after
+    the questions file: testdev_balanced_questions.json -> testdev_balanced_predictions.json (eval.py's
+    '{tier}_predictions.json'). Returns its path."""
+    tier = os.path.basename(questions_json).removesuffix('.json').removesuffix('_questions')
+    path = os.path.join(out_dir, f'{tier}_predictions.json')
+    with open(path, 'w') as f:
+        json.dump([dict(questionId=str(a['question_id']), prediction=a['text'].rstrip('.').lower())
+                   for a in answers], f)
+    return path
+
+def write_mme_results(answers, mme_root, out_dir):
+    """MME calculation.py's input, as LLaVA's convert_answer_to_mme.py writes it: out_dir/mme_results/<subtask>.txt,
+    one line 'image name<TAB>question<TAB>ground truth<TAB>answer' per question, an image's questions on
+    consecutive lines in its table's order (calculation.py scores the lines two by two, one image per pair).
+    Images with an unanswered question are left out, so no pair is split. Returns the folder
+    (calculation.py --results_dir)."""
+    truth = read_mme_ground_truth(mme_root)
+    texts, image_names = {}, {}
+    for answer in answers:
+        row = mme_table_key(answer, truth)
+        texts[row] = answer['text'].replace('\t', ' ').replace('\n', ' ')  # one answer, one line
+        image_names[row[:2]] = str(answer['question_id']).split('#')[0].split('/')[-1]
+    images = defaultdict(list)  # (subtask, txt_file) -> [(question, gold)], table order
+    for (subtask, txt_file, question), gold in truth.items():
+        images[subtask, txt_file].append((question, gold))
+    lines = defaultdict(list)  # subtask -> lines
+    for (subtask, txt_file), rows in images.items():
+        if all((subtask, txt_file, question) in texts for question, _ in rows):
+            image = image_names[subtask, txt_file]
+            lines[subtask] += [f"{image}\t{question}\t{gold}\t{texts[subtask, txt_file, question]}\n"
+                               for question, gold in rows]
+    results_dir = os.path.join(out_dir, 'mme_results')
+    os.makedirs(results_dir, exist_ok=True)
+    for subtask, subtask_lines in lines.items():
+        with open(os.path.join(results_dir, f'{subtask}.txt'), 'w') as f:
+            f.writelines(subtask_lines)
+    return results_dir
 
 def shapes_files(shapes_dir):
     """Where shapes.prepare_shapes puts each shapes benchmark (LLaVA's playground/data/eval layout)."""
@@ -496,6 +545,7 @@ if __name__ == '__main__':
     # single-image mode: print the answer to one question about one image
     image = ''
     question = 'What is in the image?'
+    template = ''  # '' = the template the checkpoint was trained with (its config.json); set only to compare
     # decoding
     batch_size = 16
     max_new_tokens = 128  # LLaVA's default; benchmark answers are a word or two
@@ -504,7 +554,6 @@ if __name__ == '__main__':
     dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
     exec(open('configurator.py').read())  # overrides from the command line or a config file
     # -----------------------------------------------------------------------------
-    from transformers import AutoTokenizer
     from mocha import MoCHA  # imported here so that train.py and the tests can import the scorers cheaply
 
     ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun
@@ -520,7 +569,11 @@ if __name__ == '__main__':
 
     model = MoCHA.from_pretrained(ckpt_dir).to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model.config.tokenizer or model.config.llm)
+    tokenizer = model.tokenizer  # saved in the checkpoint: the one the model was trained with
+    if template and template != model.config.template:
+        print(f"WARNING: {ckpt_dir} was trained with the {model.config.template!r} template; prompting it with "
+              f"{template!r} instead gives it prompts it has never seen")
+        model.config.template = template
     model_id = os.path.basename(os.path.normpath(ckpt_dir))
     out_dir = out_dir or os.path.join(ckpt_dir, f'eval_{benchmark}')
 

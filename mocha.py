@@ -112,21 +112,32 @@ class MoCHAConfig:
     template: str = 'phi'                  # conversation template (data.py)
     balance_coef: float = 0.1              # Eq. 10
     z_coef: float = 0.01                   # Eq. 10
+    # smoke tests and bench only: > 0 cuts every randomly built tower to that many layers, widths and
+    # token counts unchanged (ConvNeXt: that many blocks per stage); 0 = the real depth
+    encoder_layers: int = 0
+    llm_layers: int = 0
 
 # -----------------------------------------------------------------------------
 # Encoders (Eq. 1): F_g = E_g(I) for each encoder g
 
 
-def build_backbone(name, source, path=None):
-    """One encoder's backbone, built the same way whatever the source."""
+def build_backbone(name, source, path=None, num_layers=0):
+    """One encoder's backbone, built the same way whatever the source. num_layers > 0 (smoke tests,
+    bench; 'random'/'tiny' only) keeps every width and token count but only that many layers
+    (ConvNeXt: that many blocks in each of its four stages)."""
     spec = ENCODER_SPECS[name]
+    if num_layers and source == 'pretrained':
+        raise ValueError(f"num_layers={num_layers} cuts randomly built towers only, not pretrained {name}")
     if spec['library'] == 'transformers':
         import transformers
         model_class = getattr(transformers, spec['model_class'])
         if source == 'pretrained':
             return model_class.from_pretrained(path or spec['pretrained'])
         config_class = getattr(transformers, spec['config_class'])
-        return model_class(config_class(**spec['full' if source == 'random' else 'tiny']))
+        config_kwargs = spec['full' if source == 'random' else 'tiny']
+        if num_layers:
+            config_kwargs = dict(config_kwargs, num_hidden_layers=num_layers)
+        return model_class(config_class(**config_kwargs))
     import open_clip
     if source == 'pretrained':
         path = path or spec['pretrained']
@@ -134,17 +145,21 @@ def build_backbone(name, source, path=None):
             return open_clip.create_model('local-dir:' + path).visual.trunk
         return open_clip.create_model(spec['arch'], pretrained=path).visual.trunk  # a tag or a checkpoint file
     model_cfg = open_clip.get_model_config(spec['arch']) if source == 'random' else spec['tiny']
+    if num_layers:  # open_clip does not pass depths on to timm: build its trunk as it does, with timm's argument
+        import timm
+        return timm.create_model(model_cfg['vision_cfg']['timm_model_name'], depths=(num_layers,) * 4,
+                                 num_classes=0, global_pool='')
     return open_clip.CLIP(**model_cfg).visual.trunk  # only the timm trunk is kept
 
 
 class Encoder(nn.Module):
     """One vision encoder: own resize + normalisation, features of one layer, [B, N_g, d_enc] out."""
 
-    def __init__(self, name, source, resolution, feature_layer=-2, path=None):
+    def __init__(self, name, source, resolution, feature_layer=-2, path=None, num_layers=0):
         super().__init__()
         spec = ENCODER_SPECS[name]
         self.name, self.resolution, self.feature_layer = name, resolution, feature_layer
-        self.backbone = build_backbone(name, source, path)
+        self.backbone = build_backbone(name, source, path, num_layers)
         self.register_buffer('mean', torch.tensor(spec['mean']).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(spec['std']).view(1, 3, 1, 1), persistent=False)
         if spec['library'] == 'open_clip':
@@ -177,7 +192,7 @@ class Encoders(nn.Module):
     """Any subset of the four encoders, in ENCODER_ORDER. Frozen unless `trainable`."""
 
     def __init__(self, names, source='pretrained', resolution=None, feature_layer=-2, paths=None,
-                 trainable=False):
+                 trainable=False, num_layers=0):
         super().__init__()
         unknown = [n for n in names if n not in ENCODER_SPECS]
         if unknown or not names:
@@ -187,7 +202,7 @@ class Encoders(nn.Module):
         resolution, paths = resolution or {}, paths or {}
         names = [n for n in ENCODER_ORDER if n in names]
         self.encoders = nn.ModuleDict({n: Encoder(n, source, resolution.get(n, 336), feature_layer,
-                                                  paths.get(n)) for n in names})
+                                                  paths.get(n), num_layers) for n in names})
         self.trainable = trainable
         self.requires_grad_(trainable)
         self.train(False)
@@ -335,8 +350,11 @@ class HGA(nn.Module):
 # MoCHA: encoders -> MoECs -> append -> HGA -> splice into the LLM
 
 
-def build_llm(name, source, vocab_size=None):
+def build_llm(name, source, vocab_size=None, num_layers=0):
+    """num_layers > 0 ('random'/'tiny' only): the same widths and vocabulary, that many decoder layers."""
     import transformers
+    if num_layers and source == 'pretrained':
+        raise ValueError(f"num_layers={num_layers} cuts randomly built LLMs only, not pretrained {name}")
     if source == 'pretrained':
         return transformers.AutoModelForCausalLM.from_pretrained(name)
     if source == 'random':
@@ -348,6 +366,8 @@ def build_llm(name, source, vocab_size=None):
         config_kwargs = dict(config_kwargs, vocab_size=vocab_size)
     else:
         raise ValueError(f"llm source must be 'pretrained', 'random' or 'tiny', got {source!r}")
+    if num_layers:
+        config_kwargs = dict(config_kwargs, num_hidden_layers=num_layers)
     return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**config_kwargs))
 
 
@@ -362,9 +382,11 @@ class MoCHA(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm)
         if config.llm_source == 'tiny' and self.tokenizer is None:
             raise ValueError("a tiny LLM takes its vocabulary from a tokenizer: set config.tokenizer")
-        self.llm = build_llm(config.llm, config.llm_source, self.tokenizer and len(self.tokenizer))
+        self.llm = build_llm(config.llm, config.llm_source, self.tokenizer and len(self.tokenizer),
+                             config.llm_layers)
         self.encoders = Encoders(config.encoders, config.encoder_source, config.encoder_resolution,
-                                 config.feature_layer, config.encoder_paths, config.train_encoders)
+                                 config.feature_layer, config.encoder_paths, config.train_encoders,
+                                 config.encoder_layers)
         d_llm = self.llm.config.hidden_size
         if config.fusion == 'sequence':
             self.moecs = nn.ModuleDict({name: MoEC(dim, d_llm, config.num_experts, config.top_k)
@@ -495,7 +517,7 @@ class MoCHA(nn.Module):
         with open(os.path.join(out_dir, 'config.json.tmp'), 'w') as f:
             json.dump(asdict(self.config), f, indent=2)
         os.replace(os.path.join(out_dir, 'config.json.tmp'), os.path.join(out_dir, 'config.json'))
-        if self.tokenizer is not None and self.config.llm_source != 'pretrained':
+        if self.tokenizer is not None:  # the tokenizer travels with the weights, as the template does (config)
             self.tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
 
     @classmethod

@@ -120,8 +120,39 @@ def absent_categories(scene):
     return [c for c in CATEGORIES if c not in present]
 
 
-# Question families: (scene, rng) -> (question, answer, GQA types (structural, semantic, detailed)).
-# Answers are lower case; yes/no families say yes half the time.
+# GQA's `semantic` field: the question as a functional program, a list of steps {operation, argument,
+# dependencies} (GQA's select / filter <attribute> / query / verify <attribute> / choose <attribute> / exist),
+# each reading the steps it depends on. A select's argument names what it selects and, in brackets, the ids
+# (the object's index in its scene, as in the scene graphs) of the object(s) the question refers to, '-' if none.
+
+def step(operation, argument, *dependencies):
+    return {'operation': operation, 'argument': argument, 'dependencies': list(dependencies)}
+
+
+def object_ids(objects, scene):
+    return ','.join(str(scene.index(o)) for o in objects) or '-'
+
+
+def refer(obj, scene, by):
+    """The steps that find obj as shape_ref ('shape'), color_ref ('color') or 'the red circle' ('both') say it:
+    select its shape (or any object), filter its colour, then its position where that is still ambiguous."""
+    steps = [step('select', f"{obj['shape'] if by != 'color' else 'object'} ({scene.index(obj)})")]
+    if by != 'shape':
+        steps.append(step('filter color', obj['color'], len(steps) - 1))
+    same = {'shape': 'shape', 'color': 'color'}.get(by)
+    if same and sum(o[same] == obj[same] for o in scene) > 1:
+        steps.append(step('filter position', position(obj), len(steps) - 1))
+    return steps
+
+
+def then(steps, operation, argument):
+    """steps + one final step that reads the last of them"""
+    return steps + [step(operation, argument, len(steps) - 1)]
+
+
+# Question families: (scene, rng) -> (question, answer, GQA types (structural, semantic, detailed)[, GQA
+# semantic program]). Answers are lower case; yes/no families say yes half the time. The program adds no
+# random draw, so the data stay those of the seed.
 
 def ask_exist_object(scene, rng):
     if rng.random() < 0.5:
@@ -133,7 +164,10 @@ def ask_exist_object(scene, rng):
         pool = related if related and rng.random() < 0.5 else absent
         # drawn as often as the category appears, like the positives: the name alone must not tell the answer
         (color, shape), answer = rng.choices(pool, weights=[POPULARITY[c] for c in pool])[0], 'no'
-    return f"Is there a {color} {shape} in the image?", answer, ('verify', 'obj', 'existAttrC')
+    found = [o for o in scene if (o['color'], o['shape']) == (color, shape)]
+    program = [step('select', f"{shape} ({object_ids(found, scene)})"), step('filter color', color, 0),
+               step('exist', '?', 1)]
+    return f"Is there a {color} {shape} in the image?", answer, ('verify', 'obj', 'existAttrC'), program
 
 
 def ask_exist_shape(scene, rng):
@@ -141,7 +175,9 @@ def ask_exist_shape(scene, rng):
     absent = [s for s in SHAPES if s not in present]
     yes = not absent or rng.random() < 0.5
     shape = rng.choice(present if yes else absent)
-    return f"Is there a {shape} in the image?", 'yes' if yes else 'no', ('verify', 'obj', 'existC')
+    program = [step('select', f"{shape} ({object_ids([o for o in scene if o['shape'] == shape], scene)})"),
+               step('exist', '?', 0)]
+    return f"Is there a {shape} in the image?", 'yes' if yes else 'no', ('verify', 'obj', 'existC'), program
 
 
 def ask_count(scene, rng):
@@ -173,17 +209,20 @@ def ask_count_verify(scene, rng):
 
 def ask_color(scene, rng):
     obj = rng.choice(scene)
-    return f"What color is {shape_ref(obj, scene)}?", obj['color'], ('query', 'attr', 'queryAttr')
+    return (f"What color is {shape_ref(obj, scene)}?", obj['color'], ('query', 'attr', 'queryAttr'),
+            then(refer(obj, scene, 'shape'), 'query', 'color'))
 
 
 def ask_shape(scene, rng):
     obj = rng.choice(scene)
-    return f"What shape is {color_ref(obj, scene)}?", obj['shape'], ('query', 'cat', 'queryObject')
+    return (f"What shape is {color_ref(obj, scene)}?", obj['shape'], ('query', 'cat', 'queryObject'),
+            then(refer(obj, scene, 'color'), 'query', 'shape'))
 
 
 def ask_where(scene, rng):
     obj = rng.choice(scene)
-    return f"Where is the {obj['color']} {obj['shape']}?", position(obj), ('query', 'rel', 'queryPosition')
+    return (f"Where is the {obj['color']} {obj['shape']}?", position(obj), ('query', 'rel', 'queryPosition'),
+            then(refer(obj, scene, 'both'), 'query', 'position'))
 
 
 def object_sides(obj):
@@ -196,20 +235,23 @@ def ask_side(scene, rng):
     true_sides = object_sides(obj)
     yes = bool(true_sides) and rng.random() < 0.5
     side = rng.choice(true_sides if yes else [s for s in SIDES if s not in true_sides])
+    axis = 'hposition' if side in ('left', 'right') else 'vposition'
     return (f"Is the {obj['color']} {obj['shape']} {SIDES[side]}?", 'yes' if yes else 'no',
-            ('verify', 'rel', 'verifyPosition'))
+            ('verify', 'rel', 'verifyPosition'), then(refer(obj, scene, 'both'), f'verify {axis}', side))
 
 
 def ask_size(scene, rng):
     obj = rng.choice(scene)
-    return f"What size is the {obj['color']} {obj['shape']}?", obj['size'], ('query', 'attr', 'querySize')
+    return (f"What size is the {obj['color']} {obj['shape']}?", obj['size'], ('query', 'attr', 'querySize'),
+            then(refer(obj, scene, 'both'), 'query', 'size'))
 
 
 def ask_choose(scene, rng):
     obj = rng.choice(scene)
     other = rng.choice([c for c in COLORS if c != obj['color']])
     first, second = rng.sample([obj['color'], other], 2)
-    return f"Is {shape_ref(obj, scene)} {first} or {second}?", obj['color'], ('choose', 'attr', 'chooseAttr')
+    return (f"Is {shape_ref(obj, scene)} {first} or {second}?", obj['color'], ('choose', 'attr', 'chooseAttr'),
+            then(refer(obj, scene, 'shape'), 'choose color', f'{first}|{second}'))
 
 
 GQA_FAMILIES = (ask_exist_object, ask_exist_shape, ask_side, ask_color, ask_shape, ask_where, ask_size, ask_choose)
@@ -316,20 +358,80 @@ def make_pope(eval_dir, rng, num_images, image_px):
     return questions
 
 
+def program_facts(program, answer):
+    """(needs, tells) of a GQA question, as sets of (object id, attribute): what must be known to answer it,
+    and what the question and its answer give away: what it refers by and, unless it is a verify answered
+    'no', what it asks. A known position tells both sides (hposition, vposition). A question about no object
+    or several (select '-' or 'a,b') needs and tells nothing here, so it entails and is entailed by nothing."""
+    select = program[0]['argument']
+    ids = select[select.index('(') + 1:-1]
+    if not ids.isdigit():
+        return set(), set()
+    i = int(ids)
+    refers = {(i, 'shape')} if not select.startswith('object ') else set()
+    refers |= {(i, s['operation'].split()[1]) for s in program if s['operation'].startswith('filter ')}
+    last = program[-1]
+    if last['operation'] == 'exist':
+        return refers, refers
+    asked = {(i, last['argument'] if last['operation'] == 'query' else last['operation'].split()[1])}
+    tells = refers if last['operation'].startswith('verify') and answer == 'no' else refers | asked
+    tells |= {(j, side) for j, a in tells if a == 'position' for side in ('hposition', 'vposition')}
+    return refers | asked, tells
+
+
+def answer_choices(program):
+    """GQA's choices: the answers that fit the question ('valid') and those that make sense in this world
+    ('plausible'). Every colour, size and position occurs with every shape here, so the two are the same."""
+    last = program[-1]
+    if last['operation'] == 'exist' or last['operation'].startswith('verify'):
+        valid = ['yes', 'no']
+    elif last['operation'].startswith('choose'):
+        valid = last['argument'].split('|')
+    else:
+        valid = {'color': list(COLORS), 'shape': list(SHAPES), 'size': list(SIZES),
+                 'position': [p for row in POSITIONS for p in row]}[last['argument']]
+    return {'valid': valid, 'plausible': valid}
+
+
+def scene_graph(scene, image_px):
+    """GQA's scene graph of an image: objects by id (index in the scene) with name, box and attributes."""
+    objects = {str(i): {'name': o['shape'], 'x': round(o['x'] - o['radius']), 'y': round(o['y'] - o['radius']),
+                        'w': round(2 * o['radius']), 'h': round(2 * o['radius']),
+                        'attributes': [o['color'], o['size']], 'relations': []} for i, o in enumerate(scene)}
+    return {'width': image_px, 'height': image_px, 'objects': objects}
+
+
 def make_gqa(eval_dir, rng, num_images, image_px, questions_per_image=3):
-    """GQA-style: LLaVA's question jsonl and GQA's testdev_balanced_questions.json with question types."""
+    """GQA-style: LLaVA's question jsonl and GQA's testdev_balanced_questions.json with every field GQA's
+    eval.py reads (types, semantic, groups, entailed), plus its choices and scene-graph files. `entailed`
+    lists the image's other questions whose answers follow from this one's (program_facts); `groups.global`
+    is the kind of answer an open or choose question asks for (GQA's distribution metric), None for yes/no."""
     images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'gqa', 'images'), 'n{:05d}.png'.format)
-    questions, gqa = [], {}
+    questions, gqa, choices, scenes = [], {}, {}, {}
     for file, scene in images:
+        image_id, facts = file[:-len('.png')], {}
         for ask in rng.sample(GQA_FAMILIES, questions_per_image):
-            question, answer, (structural, semantic, detailed) = ask(scene, rng)
+            question, answer, (structural, semantic, detailed), program = ask(scene, rng)
             question_id = str(20000000 + len(questions))
             questions.append({'question_id': question_id, 'image': file, 'text': question + SHORT_ANSWER})
-            gqa[question_id] = {'imageId': file[:-len('.png')], 'question': question, 'answer': answer,
+            asks_for = program[-1]['argument'] if structural == 'query' else program[-1]['operation'].split()[-1]
+            gqa[question_id] = {'imageId': image_id, 'question': question, 'answer': answer,
                                 'fullAnswer': answer, 'isBalanced': True,
-                                'types': {'structural': structural, 'semantic': semantic, 'detailed': detailed}}
-    write_jsonl(os.path.join(eval_dir, 'gqa', 'llava_gqa_testdev_balanced.jsonl'), questions)
-    write_json(os.path.join(eval_dir, 'gqa', 'testdev_balanced_questions.json'), gqa)
+                                'types': {'structural': structural, 'semantic': semantic, 'detailed': detailed},
+                                'semantic': program,
+                                'groups': {'global': None if structural == 'verify' else asks_for,
+                                           'local': f"{detailed}-{program[0]['argument'].split(' (')[0]}"}}
+            choices[question_id] = answer_choices(program)
+            facts[question_id] = program_facts(program, answer)
+        for question_id, (_, tells) in facts.items():
+            gqa[question_id]['entailed'] = [other for other, (needs, _) in facts.items()
+                                            if other != question_id and needs and needs <= tells]
+        scenes[image_id] = scene_graph(scene, image_px)
+    gqa_dir = os.path.join(eval_dir, 'gqa')
+    write_jsonl(os.path.join(gqa_dir, 'llava_gqa_testdev_balanced.jsonl'), questions)
+    write_json(os.path.join(gqa_dir, 'testdev_balanced_questions.json'), gqa)
+    write_json(os.path.join(gqa_dir, 'testdev_balanced_choices.json'), choices)
+    write_json(os.path.join(gqa_dir, 'testdev_balanced_sceneGraphs.json'), scenes)
     return questions
 
 
@@ -419,8 +521,13 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
       eval/pope/val2014/pope_NNNNN.png
       eval/gqa/llava_gqa_testdev_balanced.jsonl   {question_id (str), image, text}
       eval/gqa/testdev_balanced_questions.json    {question_id: {imageId, question, answer (lower case),
-                                            fullAnswer, isBalanced, types: {structural, semantic, detailed}}}
+                                            fullAnswer, isBalanced, types: {structural, semantic, detailed},
+                                            semantic: [{operation, argument, dependencies}], groups: {global,
+                                            local}, entailed: [question_id]}}
                                             structural: verify (yes/no) | query | choose
+      eval/gqa/testdev_balanced_choices.json      {question_id: {valid, plausible}} (GQA's validity, plausibility)
+      eval/gqa/testdev_balanced_sceneGraphs.json  {imageId: {width, height, objects: {id: {name, x, y, w, h,
+                                            attributes: [colour, size], relations: []}}}}
       eval/gqa/images/nNNNNN.png
       eval/mme/llava_mme.jsonl              {question_id: '<subtask>/images/NNNN.png#k', image (the same
                                             without '#k', relative to MME_Benchmark_release_version), text,

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -989,6 +990,76 @@ def test_shapes_gqa_and_mme_files(shapes_dir):
         assert q['text'] in [question for question, _ in lines] and q['text'].endswith(' Please answer yes or no.')
 
 
+def test_shapes_gqa_has_every_field_gqa_eval_reads(shapes_dir):
+    """GQA's eval.py reads, per balanced question: answer, question (word count), semantic (reasoning steps),
+    types, groups.global (distribution: at least one must be set or it divides by zero), entailed
+    (--consistency); and choices[qid].valid / plausible, and the scene graphs file it loads."""
+    gqa_dir = shapes_dir / 'eval/gqa'
+    gold, choices, scenes = (json.loads((gqa_dir / f'testdev_balanced_{name}.json').read_text())
+                             for name in ('questions', 'choices', 'sceneGraphs'))
+    assert set(choices) == set(gold) and {q['imageId'] for q in gold.values()} == set(scenes)
+    for qid, q in gold.items():
+        assert q['isBalanced'] and set(q['types']) == {'structural', 'semantic', 'detailed'}
+        assert q['answer'] in choices[qid]['valid'] and choices[qid]['plausible'] == choices[qid]['valid']
+        for i, s in enumerate(q['semantic']):  # steps read earlier steps only
+            assert set(s) == {'operation', 'argument', 'dependencies'} and all(d < i for d in s['dependencies'])
+        ids = q['semantic'][0]['argument'].split('(')[1].rstrip(')')
+        assert ids == '-' or all(i in scenes[q['imageId']]['objects'] for i in ids.split(','))
+        assert (q['groups']['global'] is None) == (q['types']['structural'] == 'verify') and 'local' in q['groups']
+        assert all(gold[e]['imageId'] == q['imageId'] and e != qid for e in q['entailed'])
+    assert any(q['entailed'] for q in gold.values())
+    # entailment on a hand-made scene: where -> side, colour <-> choose colour, nothing from a 'no'
+    scene = [dict(color='red', shape='circle', size='small', row=0, col=0), dict(color='red', shape='square',
+                                                                                   size='large', row=1, col=2)]
+    red_circle = scene[0]
+    where = shapes.then(shapes.refer(red_circle, scene, 'both'), 'query', 'position')
+    side = shapes.then(shapes.refer(red_circle, scene, 'both'), 'verify hposition', 'left')
+    color = shapes.then(shapes.refer(red_circle, scene, 'shape'), 'query', 'color')
+    shape = shapes.then(shapes.refer(red_circle, scene, 'color'), 'query', 'shape')  # two red objects
+    assert [s['operation'] for s in shape] == ['select', 'filter color', 'filter position', 'query']
+    facts = {name: shapes.program_facts(program, answer) for name, program, answer in
+             (('where', where, 'top left'), ('side', side, 'yes'), ('color', color, 'red'), ('shape', shape, 'circle'))}
+    entails = lambda a, b: facts[b][0] <= facts[a][1]
+    assert entails('where', 'side') and not entails('side', 'where') and entails('where', 'color')
+    assert entails('shape', 'color') and not entails('color', 'shape')  # 'the red object at the top left'
+    assert shapes.program_facts(side, 'no')[1] == {(0, 'shape'), (0, 'color')}
+
+
+def test_eval_writes_the_files_the_official_gqa_and_mme_scorers_read(shapes_dir, tmp_path):
+    """Hand-written answers (every other one wrong) -> GQA's predictions file and MME's calculation.py
+    results dir; scoring those files as the official scripts do gives eval.py's numbers."""
+    gqa_questions = read_jsonl(shapes_dir / 'eval/gqa/llava_gqa_testdev_balanced.jsonl')
+    gold = json.loads((shapes_dir / 'eval/gqa/testdev_balanced_questions.json').read_text())
+    answers = [answer(q['question_id'], gold[q['question_id']]['answer'].capitalize() + '.' if i % 2 else 'blue')
+               for i, q in enumerate(gqa_questions)]
+    path = ev.write_gqa_predictions(answers, str(shapes_dir / 'eval/gqa/testdev_balanced_questions.json'), tmp_path)
+    assert os.path.basename(path) == 'testdev_balanced_predictions.json'
+    predictions = {p['questionId']: p['prediction'] for p in json.loads(open(path).read())}
+    assert set(predictions) == set(gold)
+    official_accuracy = 100 * sum(predictions[qid] == q['answer'] for qid, q in gold.items()) / len(gold)
+    ours = ev.score_gqa(answers, str(shapes_dir / 'eval/gqa/testdev_balanced_questions.json'))
+    assert 0 < official_accuracy < 100 and official_accuracy == pytest.approx(ours['accuracy'])
+
+    mme_root = str(shapes_dir / 'eval/mme/MME_Benchmark_release_version')
+    mme_questions = read_jsonl(shapes_dir / 'eval/mme/llava_mme.jsonl')
+    answers = [answer(q['question_id'], ('Yes' if i % 3 else 'No, it is not'), q['text'])
+               for i, q in enumerate(mme_questions)]
+    results_dir = ev.write_mme_results(answers, mme_root, str(tmp_path))
+    assert sorted(os.listdir(results_dir)) == ['color.txt', 'count.txt', 'existence.txt', 'position.txt']
+    scores = ev.score_mme(answers, mme_root)['subtasks']
+    for subtask in ('existence', 'count', 'position', 'color'):
+        rows = [line.split('\t') for line in open(os.path.join(results_dir, f'{subtask}.txt'))]
+        assert len(rows) == 2 * 3 and all(len(row) == 4 and row[2] in ('yes', 'no') for row in rows)
+        pairs = [rows[i:i + 2] for i in range(0, len(rows), 2)]  # calculation.py: one image per line pair
+        assert all(a[0] == b[0] and a[0].endswith('.png') for a, b in pairs)
+        right = [[ev.mme_prediction(pred.strip()) == gt for _, _, gt, pred in pair] for pair in pairs]
+        acc, acc_plus = sum(map(sum, right)) / len(rows), sum(map(all, right)) / len(pairs)
+        assert 100 * acc + 100 * acc_plus == pytest.approx(scores[subtask]['score'])
+    # an unanswered question drops its image (both lines), so calculation.py's pairs stay whole
+    ev.write_mme_results(answers[1:], mme_root, str(tmp_path))
+    assert len(open(os.path.join(results_dir, f"{mme_questions[0]['category']}.txt")).readlines()) == 2 * 2
+
+
 # =============================================================================
 # eval.py: scorers on hand-made benchmark files, answering, sharding, resuming
 # =============================================================================
@@ -1355,9 +1426,8 @@ def test_evaluate_shapes_writes_results_json_with_all_three_scores(tmp_path):
 
 @pytest.fixture(scope='module')
 def small_shapes(tmp_path_factory):
-    from data import prepare_shapes
     root = tmp_path_factory.mktemp('shapes') / 'shapes'
-    prepare_shapes(str(root), seed=0, num_train_images=48, num_pope_images=4, num_gqa_images=4, num_mme_images=2)
+    shapes.prepare_shapes(str(root), seed=0, num_train_images=48, num_pope_images=4, num_gqa_images=4, num_mme_images=2)
     return root
 
 
@@ -1375,6 +1445,38 @@ def run_train(shapes, out_dir, *overrides, nproc=1):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = [float(v) for v in open(f'{out_dir}/losses.txt').read().split()]
     return load_file(f'{out_dir}/ckpt/model.safetensors'), losses
+
+
+def run_dry(*overrides):
+    command = [sys.executable, 'train.py', 'config/shapes.py', '--dry_run=True', '--prepare_shapes_data=False',
+               *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_dry_run_shows_the_template_and_fails_on_skipped_samples(small_shapes, llama_tokenizers, tmp_path):
+    """train.py --dry_run=True prints samples piece by piece with learned pieces marked, the visual-token
+    count and the length distribution, and exits non-zero when too many samples are skipped; it builds
+    the model on the meta device only. Here: the shapes world, then a LLaVA JSON read by a SentencePiece
+    tokenizer, one of whose samples cannot fit max_length with its image."""
+    result = run_dry(f'--data_json={small_shapes}/instruct.json', f'--image_folder={small_shapes}/images',
+                     f'--tokenizer={small_shapes}/tokenizer')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '31 visual tokens per image' in result.stdout and '|ASSISTANT|:|⟦' in result.stdout
+    assert 'length with visual tokens: min' in result.stdout
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
+    long_question = 'What is shown here? ' * 60
+    samples = [{'id': 'short', 'image': 'a.png', 'conversations': [
+                   {'from': 'human', 'value': 'What is shown here?\n<image>'}, {'from': 'gpt', 'value': 'A photo of two dogs.'}]},
+               {'id': 'long', 'image': 'a.png', 'conversations': [
+                   {'from': 'human', 'value': '<image>\n' + long_question}, {'from': 'gpt', 'value': 'Yes'}]},
+               {'id': 'text', 'conversations': [
+                   {'from': 'human', 'value': 'What is shown here?'}, {'from': 'gpt', 'value': 'red'}]}]
+    (tmp_path / 'llava.json').write_text(json.dumps(samples))
+    result = run_dry(f'--data_json={tmp_path}/llava.json', f'--image_folder={tmp_path}',
+                     f'--tokenizer={llama_tokenizers[True].name_or_path}', '--template=vicuna_v1', '--max_length=200')
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "sample 'short'" in result.stdout and '<s>|▁A|' in result.stdout and '|<image>|▁|<0x0A>|' in result.stdout
+    assert 'skipped: 1 x too long' in result.stdout and 'PROBLEM: 1 of 3 samples skipped' in result.stdout
 
 
 def parts(state, prefix):
@@ -1417,6 +1519,16 @@ def test_stage1_trains_only_moecs_and_stage2_starts_from_them(small_shapes, tmp_
     assert_all_changed(parts(stage2, 'llm.model.layers.0.'), parts(stage1, 'llm.model.layers.0.'))
     assert not torch.equal(stage2['moecs.siglip.gate.weight'], stage1['moecs.siglip.gate.weight'])
     assert_same(parts(stage2, 'encoders.'), parts(stage1, 'encoders.'))
+    # the template and the tokenizer travel with the weights; eval.py uses them and warns when told otherwise
+    ckpt = tmp_path / 'stage2' / 'ckpt'
+    assert json.loads((ckpt / 'config.json').read_text())['template'] == 'phi'
+    assert (ckpt / 'tokenizer' / 'tokenizer.json').is_file()
+    ask = [sys.executable, 'eval.py', f'--ckpt_dir={ckpt}', f'--image={small_shapes}/images/000000.png',
+           '--question=What color is the circle?', '--max_new_tokens=3']
+    for overrides, warned in (((), False), (('--template=plain',), True)):
+        result = subprocess.run(ask + list(overrides), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("was trained with the 'phi' template" in result.stdout) == warned
 
 
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_shapes, tmp_path):
@@ -1454,3 +1566,30 @@ def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path):
     _, sharded = run_train(small_shapes, tmp_path / 'fsdp', *args, '--batch_size=2', '--parallel=fsdp', nproc=2)
     assert len(one) == len(sharded) == 3
     assert one == pytest.approx(sharded, abs=1e-4)
+
+
+def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
+    """ablate.py: 'mlp' x seeds 0 and 1, 2 steps each, two processes at once, then 'upcycled' from each seed's
+    MLP (about a minute on 2 busy cores). The seed is honest: it changes the losses on the same data."""
+    import ablate
+    out = tmp_path / 'ablate'
+    result = subprocess.run(
+        [sys.executable, 'ablate.py', '--variants=mlp,upcycled', '--seeds=0,1', '--jobs=2', f'--out_dir={out}',
+         f'--data_json={small_shapes}/instruct.json', f'--image_folder={small_shapes}/images',
+         f'--tokenizer={small_shapes}/tokenizer', '--prepare_shapes_data=False', '--num_workers=0',
+         '--batch_size=4', '--max_steps=2', '--train_encoders=False'], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = json.loads((out / 'ablation.json').read_text())
+    assert list(table) == ['mlp', 'upcycled']
+    for row in table.values():
+        assert row['seeds'] == [0, 1] and set(row['per_seed']) == {'0', '1'}
+        assert list(row['mean']) == list(row['std']) == list(ablate.METRICS)
+        for name in ablate.METRICS:
+            values = [row['per_seed'][seed][name] for seed in ('0', '1')]
+            if None not in values:
+                assert row['mean'][name] == pytest.approx(statistics.mean(values))
+                assert row['std'][name] == pytest.approx(statistics.stdev(values))
+        assert row['std']['pope_mean'] is not None and row['std']['gqa'] is not None
+    assert '| mlp | 2 |' in (out / 'ablation.md').read_text()
+    assert 'upcycled every expert' in (out / 'upcycled' / 'seed0' / 'train.log').read_text()
+    assert (out / 'mlp/seed0/losses.txt').read_text() != (out / 'mlp/seed1/losses.txt').read_text()

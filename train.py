@@ -41,6 +41,8 @@ prepare_shapes_data = False  # write data/shapes first if it is missing (the off
 template = 'plain'
 max_length = 2560          # text + visual tokens
 on_bad_sample = 'skip'     # 'skip' (and count) | 'error'
+dry_run = False            # print samples token by token, lengths and skips, then exit; loads no weights
+max_skipped_fraction = 0.01  # dry_run exits non-zero when more samples than this are skipped
 num_workers = 4
 # model
 stage = 1                  # 1: MoECs (align); 2: MoECs + LLM (instruct)
@@ -113,6 +115,29 @@ if prepare_shapes_data:
     if distributed:
         dist.barrier()
 
+model_config = MoCHAConfig(
+    encoders=tuple(encoders), encoder_source=encoder_source,
+    encoder_resolution=dict(zip(ENCODER_ORDER, encoder_resolution if isinstance(encoder_resolution, tuple)
+                                else (encoder_resolution,) * len(ENCODER_ORDER))), image_size=image_size,
+    feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
+    num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter,
+    llm=llm, llm_source=llm_source, tokenizer=tokenizer or None, template=template)
+
+if dry_run:  # the data as the model will get it; the architecture is built on the meta device, no weights
+    from transformers import AutoTokenizer
+    from data import LLaVADataset, dry_run_report
+    with torch.device('meta'):
+        shape_only = MoCHA(dataclasses.replace(
+            model_config, tokenizer=None if llm_source == 'pretrained' else model_config.tokenizer,
+            **{k: 'random' for k in ('encoder_source', 'llm_source') if getattr(model_config, k) == 'pretrained'}))
+    dry_tokenizer = AutoTokenizer.from_pretrained(tokenizer or llm)
+    problems = dry_run_report(LLaVADataset(data_json, image_folder, dry_tokenizer, template, image_size, max_length,
+                                           shape_only.num_visual_tokens, on_bad_sample=on_bad_sample),
+                              max_skipped_fraction=max_skipped_fraction)
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    raise SystemExit(1 if problems else 0)
+
 # -----------------------------------------------------------------------------
 # model: scratch, or a checkpoint (resume, or stage 2 from stage 1)
 if init_from == 'resume':
@@ -121,13 +146,7 @@ if init_from == 'resume':
 elif init_from != 'scratch':
     model = MoCHA.from_pretrained(init_from, template=template, train_encoders=train_encoders)
 else:
-    model = MoCHA(MoCHAConfig(
-        encoders=tuple(encoders), encoder_source=encoder_source,
-        encoder_resolution=dict(zip(ENCODER_ORDER, encoder_resolution if isinstance(encoder_resolution, tuple)
-                                    else (encoder_resolution,) * len(ENCODER_ORDER))), image_size=image_size,
-        feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
-        num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter,
-        llm=llm, llm_source=llm_source, tokenizer=tokenizer or None, template=template))
+    model = MoCHA(model_config)
 if upcycle_from and init_from != 'resume':
     from safetensors.torch import load_file
     connectors = load_file(os.path.join(upcycle_from, 'model.safetensors'))

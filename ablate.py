@@ -1,0 +1,204 @@
+"""
+The paper's ablations on the shapes world: variants x seeds of config/shapes.py, each a real
+`python train.py` run that ends with eval.py's shapes benchmarks, gathered into one table of
+mean +- std over seeds (out_dir/ablation.json and out_dir/ablation.md).
+
+    python ablate.py                                        # every variant, seeds 0,1,2, one run at a time
+    python ablate.py --variants=mlp,full --seeds=0,1 --jobs=2
+    python ablate.py --variants=full --seeds=0,1 --max_steps=50   # any other --key=value goes to train.py
+
+Each run writes out_dir/<variant>/seed<k>/ (checkpoint, losses.txt, train.log, eval/results.json). A run whose
+results.json exists and whose train.py command is unchanged is read, not redone: delete its folder to redo it.
+The seed is train.py's `seed` (model init and data order); the shapes world itself stays the one of
+shapes.py's fixed seed, so the spread over seeds is training noise on one world.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+# -----------------------------------------------------------------------------
+# the variants: train.py --key=value overrides on top of config/shapes.py. 'full' is the config itself
+# (MoEC E=4 k=2, HGA k_intra=7 k_inter=3, all four encoders, sequence fusion, connectors from scratch),
+# so it is also the "MoEC E=4 k=2", "HGA full", "all four encoders", "sequence" and "from scratch" row.
+VARIANTS = {
+    'full': [],
+    # connector (Table 6): LLaVA's 2-layer MLP is one expert, always chosen
+    'mlp': ['--num_experts=1', '--top_k=1'],
+    'moec_e2k1': ['--num_experts=2', '--top_k=1'],
+    'moec_e8k2': ['--num_experts=8', '--top_k=2'],
+    # HGA (Table 7): off is the identity; one kind of edge only by setting the other k to 0
+    'hga_off': ['--hga=False'],
+    'hga_intra_only': ['--k_inter=0'],
+    'hga_inter_only': ['--k_intra=0'],
+    # encoders (Table 5): any subset, appended in mocha.ENCODER_ORDER
+    'siglip': ["--encoders=('siglip',)"],
+    'siglip_convnext': ["--encoders=('siglip','convnext')"],
+    'siglip_clip_convnext': ["--encoders=('siglip','convnext','clip')"],
+    # fusion (Table 8): the encoders' tokens concatenated along channels into one connector
+    'channel': ['--fusion=channel'],
+    # MoEC upcycled (Table 4): every expert starts as the connector the 'mlp' run of the same seed trained.
+    # A second step, after 'mlp'. Only the connectors are copied (the LM and encoders start fresh, as in
+    # 'full'), and the MLP's own training is not counted in this run's steps.
+    'upcycled': ['--upcycle_from={out_dir}/mlp/seed{seed}/ckpt'],
+}
+# the table's columns: name -> where in a run's eval/results.json (or 'gqa_where', see gqa_where)
+METRICS = {
+    'pope_random': ('pope', 'random', 'accuracy'),
+    'pope_popular': ('pope', 'popular', 'accuracy'),
+    'pope_adversarial': ('pope', 'adversarial', 'accuracy'),
+    'pope_mean': None,  # mean accuracy of the three splits
+    'pope_f1': ('pope', 'f1_avg'),
+    'gqa': ('gqa', 'accuracy'),
+    'gqa_where': None,  # "Where is the <colour> <shape>?", the question the shapes model finds hardest
+    'mme': ('mme', 'perception'),
+    'mme_position': ('mme', 'subtasks', 'position', 'score'),
+}
+
+# -----------------------------------------------------------------------------
+# config: ablate.py's own keys; every other --key=value is passed to train.py
+config = 'config/shapes.py'
+out_dir = 'out/ablate'
+variants = ','.join(VARIANTS)
+seeds = '0,1,2'
+jobs = 1                   # runs at once; each gets cpu_count // jobs threads
+shapes_dir = 'data/shapes'  # written first when missing, so that parallel runs do not race to write it
+
+# -----------------------------------------------------------------------------
+
+def dig(results, path):
+    for key in path:
+        results = results.get(key) if isinstance(results, dict) else None
+    return results
+
+
+def gqa_where(run_dir, questions_json):
+    """Accuracy on the GQA questions of type queryPosition, by score_gqa's rule (answer without trailing
+    '.', lower case, equal to the gold answer); None if the run answered none."""
+    with open(questions_json) as f:
+        questions = json.load(f)
+    answers_file = os.path.join(run_dir, 'eval', 'gqa_answers.jsonl')
+    with open(answers_file) as f:
+        answers = [json.loads(line) for line in f if line.strip()]
+    right = [a['text'].rstrip('.').lower() == questions[str(a['question_id'])]['answer'] for a in answers
+             if questions[str(a['question_id'])]['types']['detailed'] == 'queryPosition']
+    return 100.0 * sum(right) / len(right) if right else None
+
+
+def run_metrics(run_dir, questions_json):
+    """The table's numbers for one finished run."""
+    with open(os.path.join(run_dir, 'eval', 'results.json')) as f:
+        results = json.load(f)
+    metrics = {name: dig(results, path) for name, path in METRICS.items() if path}
+    splits = [metrics[f'pope_{split}'] for split in ('random', 'popular', 'adversarial')]
+    metrics['pope_mean'] = sum(splits) / len(splits) if None not in splits else None
+    metrics['gqa_where'] = gqa_where(run_dir, questions_json)
+    return {name: metrics[name] for name in METRICS}
+
+
+def train_command(variant, seed, extra):
+    run_dir = os.path.join(out_dir, variant, f'seed{seed}')
+    overrides = [o.format(out_dir=out_dir, seed=seed) for o in VARIANTS[variant]]
+    return run_dir, [sys.executable, 'train.py', config, f'--out_dir={run_dir}', f'--seed={seed}',
+                     '--eval_shapes_at_end=True', *overrides, *extra]
+
+
+def run(variant, seed, extra, threads):
+    """Train + eval one variant at one seed (or reuse a finished identical run); its run_dir."""
+    run_dir, command = train_command(variant, seed, extra)
+    command_file = os.path.join(run_dir, 'ablate_command.json')
+    done = os.path.exists(os.path.join(run_dir, 'eval', 'results.json')) and os.path.exists(command_file)
+    if done and json.load(open(command_file)) == command[1:]:
+        print(f"{variant} seed {seed}: reusing {run_dir}\n", end='', flush=True)  # one write: no interleaving
+        return run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(command_file, 'w') as f:
+        json.dump(command[1:], f)
+    print(f"{variant} seed {seed}: {' '.join(command[1:])}\n", end='', flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM='false')
+    with open(os.path.join(run_dir, 'train.log'), 'w') as log:
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if finished.returncode != 0 or not os.path.exists(os.path.join(run_dir, 'eval', 'results.json')):
+        tail = open(os.path.join(run_dir, 'train.log')).read()[-2000:]
+        raise RuntimeError(f"{variant} seed {seed} failed (exit {finished.returncode}); "
+                           f"{run_dir}/train.log ends:\n{tail}")
+    return run_dir
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1) of the seeds' values; std None for one seed."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def ablation_table(runs, extra):
+    """{variant: {overrides, seeds, per_seed: {seed: metrics}, mean: {...}, std: {...}}}"""
+    table = {}
+    for variant, by_seed in runs.items():
+        stats = {name: mean_std([metrics[name] for metrics in by_seed.values()]) for name in METRICS}
+        table[variant] = dict(overrides=VARIANTS[variant] + extra, seeds=sorted(by_seed),
+                              per_seed={str(seed): metrics for seed, metrics in sorted(by_seed.items())},
+                              mean={name: m for name, (m, _) in stats.items()},
+                              std={name: s for name, (_, s) in stats.items()})
+    return table
+
+
+def markdown(table):
+    def cell(mean, std):
+        return '–' if mean is None else f'{mean:.1f}' + ('' if std is None else f' ± {std:.1f}')
+    lines = ['| variant | seeds | ' + ' | '.join(METRICS) + ' |', '|---|---|' + '---|' * len(METRICS)]
+    for variant, row in table.items():
+        cells = [cell(row['mean'][name], row['std'][name]) for name in METRICS]
+        lines.append(f"| {variant} | {len(row['seeds'])} | " + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    extra = []
+    for arg in sys.argv[1:]:  # ablate.py's own keys; the rest goes to train.py unchanged
+        key, _, value = arg.removeprefix('--').partition('=')
+        if arg.startswith('--') and key in ('config', 'out_dir', 'variants', 'seeds', 'jobs', 'shapes_dir'):
+            globals()[key] = int(value) if key == 'jobs' else value
+        else:
+            extra.append(arg)
+    chosen = [v for v in variants.split(',') if v]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; declared: {', '.join(VARIANTS)}")
+    seed_list = [int(s) for s in seeds.split(',')]
+    if '--prepare_shapes_data=False' not in extra and not os.path.exists(os.path.join(shapes_dir, 'instruct.json')):
+        from shapes import prepare_shapes
+        prepare_shapes(shapes_dir)
+    data_json = next((a.split('=', 1)[1] for a in reversed(extra) if a.startswith('--data_json=')),
+                     os.path.join(shapes_dir, 'instruct.json'))
+    questions_json = os.path.join(os.path.dirname(data_json), 'eval', 'gqa', 'testdev_balanced_questions.json')
+    # first the runs others start from (upcycle_from a run of this table), then those
+    waves = [[(v, s) for v in chosen for s in seed_list if '{out_dir}' not in ' '.join(VARIANTS[v])],
+             [(v, s) for v in chosen for s in seed_list if '{out_dir}' in ' '.join(VARIANTS[v])]]
+    first_checkpoints = {os.path.join(train_command(v, s, extra)[0], 'ckpt') for v, s in waves[0]}
+    for variant, seed in waves[1]:  # a missing upcycling source is an error now, not after the first wave
+        command = train_command(variant, seed, extra)[1]
+        for source in [o.split('=', 1)[1] for o in command if o.startswith('--upcycle_from=')]:
+            if not os.path.isdir(source) and source not in first_checkpoints:
+                raise FileNotFoundError(f"{variant} seed {seed} upcycles {source}, which neither exists nor is "
+                                        f"trained by this table: add the variant it comes from to --variants")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    runs = {v: {} for v in chosen}
+    for wave in waves:
+        with ThreadPoolExecutor(jobs) as pool:
+            run_dirs = pool.map(lambda vs: run(*vs, extra, threads), wave)
+            for (variant, seed), run_dir in zip(wave, run_dirs):
+                runs[variant][seed] = run_metrics(run_dir, questions_json)
+    table = ablation_table(runs, extra)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'ablation.json'), 'w') as f:
+        json.dump(table, f, indent=2)
+    with open(os.path.join(out_dir, 'ablation.md'), 'w') as f:
+        f.write(f"`python ablate.py {' '.join(sys.argv[1:])}`, seeds {seeds}; mean ± std (n - 1) over seeds\n\n")
+        f.write(markdown(table))
+    print(markdown(table))
+    print(f"wrote {out_dir}/ablation.json and ablation.md")
