@@ -76,7 +76,7 @@ def conversation_text(conversations, template, eos):
     """The whole conversation as the one string the released code tokenises, and the (start, end)
     character spans of the text the model learns. An answer's span starts at the space after
     "ASSISTANT:" and ends after its eos; plain learns everything after the image."""
-    if template == 'plain':  # preprocess_plain keeps only the image of the human turn
+    if template == 'plain':  # preprocess_plain keeps only the image of the human turn, whatever its text
         text = IMAGE_TEXT + conversations[1]['value'] + '\n'
         return text, [(len(IMAGE_TEXT), len(text))]
     text, learned = SYSTEM + ' ', []
@@ -128,9 +128,9 @@ def conversation_problem(conversations, template):
                                      or not isinstance(turn.get('value'), str)
                                      for i, turn in enumerate(conversations)):
         return 'turns are not human/gpt pairs with text values'
+    if template == 'plain' and len(conversations) != 2:
+        return 'plain template needs exactly one human and one gpt turn'
     num_images = sum(turn['value'].count(IMAGE_TEXT) for turn in conversations)
-    if template == 'plain' and (len(conversations) != 2 or num_images != 1):
-        return 'plain template needs exactly one human turn with <image> and one gpt turn'
     if num_images > 1:
         return 'more than one <image>'
     if num_images == 1 and IMAGE_TEXT not in conversations[0]['value']:
@@ -186,8 +186,9 @@ class LLaVADataset(torch.utils.data.Dataset):
     counted in self.skipped (reason -> count). Problems only seen when loading (unreadable image,
     too long after tokenising) make __getitem__ print the reason and return None; collate drops those
     and reports num_skipped, so a corrupt JPEG never stops a long run.
-    A sample with an image but no '<image>' in its text gets '<image>\\n' prepended to its first human
-    turn, as LLaVA-1.5's preprocess_multimodal puts it there (counted in self.image_token_added)."""
+    A sample with an image but no '<image>' in its text gets '<image>\\n' put in front of its first human
+    turn (counted in self.image_token_added). This is a deliberate deviation: the released code loads
+    such an image and never shows it to the model, which then trains on the text alone."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, image_size, max_length,
                  num_visual_tokens, on_bad_sample='skip'):
@@ -228,6 +229,8 @@ class LLaVADataset(torch.utils.data.Dataset):
             reason = 'image file not found'
         if not reason and has_image_text and not image:
             reason = '<image> in the text but the sample has no image'
+        if not reason and self.template == 'plain' and not image:
+            reason = 'plain template needs an image'  # preprocess_plain keeps only the image of the human turn
         if reason:
             self.bad_sample(sample, reason)
             self.skipped[reason] += 1

@@ -816,7 +816,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, word_tokenizer):
     samples = dict(GOOD, **{k: s for k, (s, _) in BAD_AT_INIT.items()}, **{k: s for k, (s, _) in BAD_AT_LOAD.items()})
     dataset = make_dataset(tmp_path, samples, word_tokenizer)
     assert dataset.skipped == {reason: 1 for _, reason in BAD_AT_INIT.values()}
-    assert dataset.image_token_added == 1  # 'no_token' got '<image>\n' in front, as LLaVA does
+    assert dataset.image_token_added == 1  # 'no_token' got '<image>\n' in front (a deliberate deviation)
     assert [s['id'] for s in dataset.samples] == ['good', 'text', 'no_token', 'corrupt', 'long']
     items = [dataset[i] for i in range(len(dataset))]
     assert items[3] is None and items[4] is None  # found at load time
@@ -824,6 +824,14 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, word_tokenizer):
     batch = data.collate(items, word_tokenizer.pad_token_id, IMAGE_SIZE)
     assert batch['num_skipped'] == 2 and batch['ids'] == ['good', 'text', 'no_token']
     assert batch['images'].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)  # 'good' and 'no_token'; 'text' has none
+
+
+def test_plain_dataset_shows_every_image_and_skips_text_only_samples(tmp_path, word_tokenizer):
+    dataset = data.LLaVADataset(write_dataset(tmp_path, GOOD), str(tmp_path), word_tokenizer, 'plain', IMAGE_SIZE,
+                                MAX_LENGTH, NUM_VISUAL_TOKENS)
+    assert dataset.skipped == {'plain template needs an image': 1} and dataset.image_token_added == 1
+    for item in (dataset[0], dataset[1]):  # 'good', and 'no_token' with its image put first
+        assert item['input_ids'][0] == IMAGE_TOKEN_ID and item['labels'][0] == IGNORE_INDEX
 
 
 @pytest.mark.parametrize('sample_id', list(BAD_AT_INIT))
