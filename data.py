@@ -2,13 +2,15 @@
 Data for nanoMoCHA: LLaVA-format training data, the conversation templates, images and
 batches. The synthetic shapes world that stands in for LLaVA's data offline is in shapes.py.
 
-References: LLaVA-1.5 (llava/train/train.py: preprocess_plain, preprocess_v1,
-expand2square, LazySupervisedDataset; llava/eval/*) and SPEC §6-§9.
+References: LLaVA-1.5 (llava/train/train.py: preprocess_multimodal, preprocess_plain, preprocess_v1,
+expand2square, LazySupervisedDataset; llava/mm_utils.py: tokenizer_image_token) and the released MoCHA
+code (llava/train/moec_train.py: preprocess_phi), which reuses them.
 
-    load_image            RGB, pad to square with the mean colour, resize (SPEC §7)
-    tokenize_conversation the templates plain / phi / vicuna_v1 and their label masks (SPEC §8)
+    load_image            RGB, pad to square with the mean colour, resize (stage 2's image aspect)
+    tokenize_conversation the templates plain / phi / vicuna_v1 and their label masks, token for token
     build_prompt          the inference prompt of one question (for eval.py)
-    LLaVADataset, collate LLaVA training JSON -> padded batches, bad samples skipped or fatal (SPEC §9)
+    LLaVADataset, collate LLaVA training JSON -> padded batches, bad samples skipped or fatal
+    dry_run_report        what train.py --dry_run=True prints
 """
 import json
 import os
@@ -19,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mocha import IGNORE_INDEX, IMAGE_TOKEN_ID  # -100, and -200: the placeholder the visual tokens replace (SPEC §6)
+from mocha import IGNORE_INDEX, IMAGE_TOKEN_ID  # -100, and -200: LLaVA's placeholder the visual tokens replace
 
 IMAGE_TEXT = '<image>'
 
 # -----------------------------------------------------------------------------
-# images (SPEC §7: "pad to square with the mean colour")
+# images (stage 2 pads each image to a square with the mean colour, as LLaVA-1.5's 'pad' aspect mode)
 
 # LLaVA-1.5's 'pad' mode (expand2square) fills with the image processor's mean colour,
 # tuple(int(x * 255) for x in image_mean); the released MoCHA code uses the CLIP processor, so this is
@@ -162,11 +164,11 @@ def build_prompt(question, tokenizer, template):
 
 
 # -----------------------------------------------------------------------------
-# LLaVA training data (SPEC §9): [{"id", "image"?, "conversations": [{"from", "value"}, ...]}, ...]
+# LLaVA training data: [{"id", "image"?, "conversations": [{"from", "value"}, ...]}, ...]
 
 def fit_to_length(input_ids, labels, max_length, num_visual_tokens):
     """Cut the tail so the sequence fits max_length once the placeholder is replaced by
-    num_visual_tokens rows (SPEC §6, §7). Returns (input_ids, labels) or a reason string when the
+    num_visual_tokens rows. Returns (input_ids, labels) or a reason string when the
     prompt and image alone do not fit (truncation then would cut the placeholder or every answer)."""
     learned = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     if not learned:
@@ -180,7 +182,7 @@ def fit_to_length(input_ids, labels, max_length, num_visual_tokens):
 class LLaVADataset(torch.utils.data.Dataset):
     """LLaVA training JSON -> dict(id, input_ids, labels, image uint8 [3,S,S] or None) per sample.
 
-    Bad samples (SPEC §9, issue 3) raise ValueError naming the file, sample id and image with
+    Bad samples raise ValueError naming the file, sample id and image with
     on_bad_sample='error', or are skipped and counted with on_bad_sample='skip'. The cheap checks
     (conversation structure, <image> count and place, image file exists) run here, and their skips are
     counted in self.skipped (reason -> count). Problems only seen when loading (unreadable image,
@@ -263,7 +265,7 @@ class LLaVADataset(torch.utils.data.Dataset):
 
 
 def collate(batch, pad_token_id, image_size=None):
-    """Right-padded batch (SPEC §6) of LLaVADataset items; None items (bad samples found at load
+    """Right-padded batch of LLaVADataset items; None items (bad samples found at load
     time) are dropped and counted in num_skipped. images holds one row per sample that has an image,
     in batch order, and is empty [0, 3, S, S] when none has (S = image_size, 0 if not given)."""
     assert pad_token_id is not None, "collate needs a pad token id (use the eos id if the tokenizer has no pad)"

@@ -1,6 +1,6 @@
 """
 Evaluate a nanoMoCHA checkpoint: greedy answers to LLaVA-style question files,
-scored with the official rules of POPE, GQA and MME (SPEC §9).
+scored with the official rules of POPE, GQA and MME (their own evaluation scripts, re-typed).
 
     python eval.py --ckpt_dir=out/shapes                        # the three shapes benchmarks
     python eval.py config/eval_pope.py --ckpt_dir=out/stage2    # real POPE (also eval_gqa.py, eval_mme.py)
@@ -83,7 +83,7 @@ def percent(numerator, denominator):
 POPE_SPLITS = ('random', 'popular', 'adversarial')
 
 def pope_prediction(text):
-    """SPEC §9: the text before the first '.', commas dropped, split on spaces; any word
+    """POPE's evaluate.py, as LLaVA runs it: the text before the first '.', commas dropped, split on spaces; any word
     'No', 'not' or 'no' makes it 'no', anything else (even '' or 'NO') is 'yes'."""
     words = text.split('.')[0].replace(',', '').split(' ')
     return 'no' if any(word in ('No', 'not', 'no') for word in words) else 'yes'
@@ -189,7 +189,7 @@ SHORT_ANSWER = 'Answer the question using a single word or phrase.'  # LLaVA's s
 YES_OR_NO = ' Please answer yes or no.'  # MME's own suffix in questions_answers_YN
 
 def mme_prediction(text):
-    """SPEC §9 / calculation.py: lower-cased; exactly 'yes'/'no', else 'yes' if 'yes' is in the first
+    """MME's eval_tool/calculation.py: lower-cased; exactly 'yes'/'no', else 'yes' if 'yes' is in the first
     four characters, else 'no' if 'no' is (so 'not sure' is 'no'), else 'other' (always wrong)."""
     text = text.lower()
     if text in ('yes', 'no'):
@@ -288,7 +288,7 @@ def score_mme(answers, mme_root):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts, images, max_new_tokens):
-    """Greedy answers (stripped strings) to a batch of prompts (lists of token ids), left-padded (SPEC §6).
+    """Greedy answers (stripped strings) to a batch of prompts (lists of token ids), left-padded for batched generation.
     images: one uint8 [3, S, S] per prompt holding the <image> placeholder, in batch order."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else eos_id  # Phi-2's tokenizer has no pad token

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -1439,7 +1440,7 @@ def small_shapes(tmp_path_factory):
     return root
 
 
-def run_train(shapes, out_dir, *overrides, nproc=1):
+def run_train(shapes, out_dir, *overrides, nproc=1, with_output=False):
     args = ['config/shapes.py', f'--out_dir={out_dir}', f'--data_json={shapes}/pretrain.json',
             f'--image_folder={shapes}/images', f'--tokenizer={shapes}/tokenizer', '--prepare_shapes_data=False',
             '--eval_shapes_at_end=False', '--num_workers=0', '--batch_size=4', '--max_steps=3',
@@ -1452,6 +1453,8 @@ def run_train(shapes, out_dir, *overrides, nproc=1):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     losses = [float(v) for v in open(f'{out_dir}/losses.txt').read().split()]
+    if with_output:  # stdout then stderr of every process
+        return load_file(f'{out_dir}/ckpt/model.safetensors'), losses, result.stdout + result.stderr
     return load_file(f'{out_dir}/ckpt/model.safetensors'), losses
 
 
@@ -1459,6 +1462,29 @@ def run_dry(*overrides):
     command = [sys.executable, 'train.py', 'config/shapes.py', '--dry_run=True', '--prepare_shapes_data=False',
                *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def train_defaults():
+    """The names train.py assigns in its default-config block, read from its source."""
+    source = open('train.py').read()
+    block = source[source.index('# default config'):source.index('config_keys = ')]
+    return {name.strip() for line in block.splitlines() if re.match(r'^\w+(, \w+)* = ', line)
+            for name in line.split(' = ')[0].split(',')}
+
+
+def test_checkpoint_config_holds_exactly_the_config_globals(small_shapes, tmp_path):
+    run_train(small_shapes, tmp_path / 'run', '--max_steps=1')
+    saved = torch.load(tmp_path / 'run' / 'ckpt' / 'train_state.pt', weights_only=False)['config']
+    assert set(saved) == train_defaults() and saved['max_steps'] == 1 and saved['template'] == 'plain'
+
+
+def test_an_invalid_option_stops_every_process_with_a_clear_error(small_shapes, tmp_path):
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+               'config/shapes.py', f'--data_json={small_shapes}/pretrain.json', '--prepare_shapes_data=False',
+               f'--out_dir={tmp_path}', '--parallel=dpp']
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("parallel must be one of ('ddp', 'fsdp'), got 'dpp'") >= 2  # both ranks
 
 
 def test_dry_run_shows_the_template_and_fails_on_skipped_samples(small_shapes, llama_tokenizers, tmp_path):
@@ -1544,6 +1570,32 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_s
     _, two = run_train(small_shapes, tmp_path / 'two', '--batch_size=2', nproc=2)
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, abs=1e-4)
+
+
+def test_an_over_long_sample_leaves_both_processes_in_step(small_shapes, tmp_path):
+    """Two processes, one sample each per step, four samples: two normal, one whose prompt alone passes
+    max_length (skipped at load time: its process gets an empty micro-batch) and one whose answer does
+    (cut). A process that crashed or took a step less would leave the other waiting in DDP's all-reduce;
+    both must report the same last step. max_length=1100 is past the tiny LM's 1024 positions, so the
+    run also starts with the warning about positions it was not trained on. About 15 s on 2 cores."""
+    instruct = json.loads((small_shapes / 'instruct.json').read_text())
+    normal = [s for s in instruct if s.get('image')][:2]
+    words = ' '.join(['what color is the circle ?'] * 250)  # about 1500 tokens
+    samples = normal + [
+        dict(id='long_prompt', image=normal[0]['image'], conversations=[
+            {'from': 'human', 'value': '<image>\n' + words}, {'from': 'gpt', 'value': 'red'}]),
+        dict(id='long_answer', image=normal[1]['image'], conversations=[
+            {'from': 'human', 'value': '<image>\nDescribe it.'}, {'from': 'gpt', 'value': words}])]
+    (tmp_path / 'long.json').write_text(json.dumps(samples))
+    _, losses, output = run_train(small_shapes, tmp_path / 'out', f'--data_json={tmp_path}/long.json', '--stage=2',
+                                  '--template=phi', '--batch_size=1', '--max_steps=2', '--max_length=1100',
+                                  nproc=2, with_output=True)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert output.count("sample 'long_prompt'") == 1 and 'too long' in output and "'long_answer'" not in output
+    stops = sorted(line.split(': ', 1)[1] for line in output.splitlines() if line.startswith('rank '))
+    assert stops == ['stopped after step 2; samples skipped as bad here: 0',
+                     'stopped after step 2; samples skipped as bad here: 1']
+    assert 'WARNING: max_length=1100 is past the 1024 positions' in output
 
 
 def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_path):

@@ -1,5 +1,5 @@
 """
-Trains MoCHA, both stages (SPEC §7), on one process or many.
+Trains MoCHA, both stages (the paper's Table 8 and the released scripts), on one process or many.
 
     python train.py config/shapes.py                          # the offline shapes world, CPU
     torchrun --nproc_per_node=8 train.py config/stage1.py     # align: MoECs only
@@ -22,10 +22,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
+from data import TEMPLATES, LLaVADataset, collate, dry_run_report
 from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig
 
 # -----------------------------------------------------------------------------
-# default config: stage 1 of MoCHA-Phi2 (SPEC §7). config/*.py files override these.
+# default config: stage 1 of MoCHA-Phi2 (paper Table 8). config/*.py files override these.
 # I/O
 out_dir = 'out'
 init_from = 'scratch'      # 'scratch' | 'resume' (out_dir/ckpt) | a MoCHA checkpoint dir (stage 2 from stage 1)
@@ -78,8 +79,17 @@ dtype = 'bfloat16'         # autocast dtype; 'float32' turns autocast off
 parallel = 'ddp'           # 'ddp' | 'fsdp'
 gradient_checkpointing = True
 seed = 1337
-exec(open('configurator.py').read())
+config_keys = [k for k, v in globals().items()  # the lower-case globals above (constants are upper-case)
+               if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+exec(open('configurator.py').read())  # overrides from config/*.py and --key=value
+config = {k: globals()[k] for k in config_keys}  # what the checkpoint records: the config, no run-time state
 # -----------------------------------------------------------------------------
+# every process checks the enumerated options, so a typo never falls back to a default under torchrun
+for name, allowed in (('parallel', ('ddp', 'fsdp')), ('stage', (1, 2)), ('template', TEMPLATES),
+                      ('fusion', ('sequence', 'channel')), ('on_bad_sample', ('skip', 'error')),
+                      ('dtype', ('float32', 'bfloat16', 'float16'))):
+    if config[name] not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {config[name]!r}")
 
 # distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE
 distributed = int(os.environ.get('RANK', -1)) != -1
@@ -125,7 +135,6 @@ model_config = MoCHAConfig(
 
 if dry_run:  # the data as the model will get it; the architecture is built on the meta device, no weights
     from transformers import AutoTokenizer
-    from data import LLaVADataset, dry_run_report
     with torch.device('meta'):
         shape_only = MoCHA(dataclasses.replace(
             model_config, tokenizer=None if llm_source == 'pretrained' else model_config.tokenizer,
@@ -168,8 +177,13 @@ tokenizer_ = model.tokenizer
 pad_id = tokenizer_.pad_token_id if tokenizer_.pad_token_id is not None else tokenizer_.eos_token_id
 log(f"stage {stage}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable of "
     f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {model.num_visual_tokens} visual tokens")
+trained_positions = getattr(model.llm.config, 'max_position_embeddings', None)
+if trained_positions and max_length > trained_positions:
+    # the released MoCHA scripts train Phi-2 (2048 positions) at 2560 so that 1693 visual tokens leave room for text
+    log(f"WARNING: max_length={max_length} is past the {trained_positions} positions {model.config.llm} was trained "
+        f"on (max_position_embeddings): positions {trained_positions}-{max_length - 1} get rotary angles it never "
+        f"saw (extrapolated, not clamped)")
 
-from data import LLaVADataset, collate  # noqa: E402  (after the shapes data may have been written)
 dataset = LLaVADataset(data_json, image_folder, tokenizer_, template, image_size, max_length,
                        model.num_visual_tokens, on_bad_sample=on_bad_sample)
 micro_steps_per_epoch = len(dataset) // (batch_size * world_size)
@@ -193,6 +207,12 @@ def batches_from(step):
             num_workers=num_workers, collate_fn=lambda b: collate(b, pad_id, image_size),
             pin_memory=device_type == 'cuda', persistent_workers=False)
         for batch in loader:
+            if not batch['ids']:
+                # every sample of it was skipped (too long, unreadable image). One padding token that learns
+                # nothing stands in, so this process still runs the forward and backward whose gradient
+                # all-reduce (DDP) or gathers (FSDP) every other process waits in: no crash, no hang
+                batch = dict(batch, input_ids=torch.full((1, 1), pad_id), labels=torch.full((1, 1), IGNORE_INDEX),
+                             attention_mask=torch.ones(1, 1, dtype=torch.long))
             yield batch
             micro_step += 1
         # the epoch is over: the next pass starts at its micro-step 0
@@ -211,8 +231,6 @@ elif distributed:
     # text-only batches leave the connectors out of the graph: DDP must look for unused parameters
     model = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True)
-elif parallel not in ('ddp', 'fsdp'):
-    raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
 # built after the wrap: under FSDP the trainable parameters are the sharded ones
 named_trainable = [(n.removeprefix('module.'), p) for n, p in model.named_parameters() if p.requires_grad]
 trainable = [p for _, p in named_trainable]
@@ -233,7 +251,7 @@ def save_checkpoint(step, skipped):
         raw_model.save_pretrained(tmp_dir, state_dict=model_state)
         trained = set(raw_model.trainable_state_dict())
         torch.save(dict(step=step, skipped=skipped, optimizer=optimizer_state, rng=torch.get_rng_state(),
-                        config={k: v for k, v in globals().items() if k in config_keys},
+                        config=config,
                         trained_keys=sorted(trained)),
                    os.path.join(tmp_dir, 'train_state.pt'))
         if os.path.isdir(ckpt_dir):
@@ -245,8 +263,6 @@ def save_checkpoint(step, skipped):
         dist.barrier()
 
 
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
 start_step, skipped_total = 0, 0
 if init_from == 'resume':
     train_state = torch.load(os.path.join(resume_dir, 'train_state.pt'), weights_only=False)
@@ -323,7 +339,9 @@ for step in progress:
 if master:
     with open(os.path.join(out_dir, 'losses.txt'), 'a') as f:
         f.writelines(f'{v:.6f}\n' for v in history)
-    log(f"saved {ckpt_dir}; samples skipped as bad: {skipped_total} (this process)")
+    log(f"saved {ckpt_dir}")
+# every process reports its own count: under DDP/FSDP all must stop at the same step
+print(f"rank {rank}: stopped after step {step + 1}; samples skipped as bad here: {skipped_total}", flush=True)
 
 if eval_shapes_at_end and step + 1 == total_steps:
     from eval import evaluate_shapes
