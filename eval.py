@@ -2,10 +2,10 @@
 Evaluate a nanoMoCHA checkpoint: greedy answers to LLaVA-style question files,
 scored with the official rules of POPE, GQA and MME (their own evaluation scripts, re-typed).
 
-    python eval.py --ckpt_dir=out/shapes                        # the three shapes benchmarks
-    python eval.py config/eval_pope.py --ckpt_dir=out/stage2    # real POPE (also eval_gqa.py, eval_mme.py)
-    torchrun --standalone --nproc_per_node=8 eval.py config/eval_gqa.py --ckpt_dir=out/stage2
-    python eval.py --ckpt_dir=out/shapes --image=data/shapes/images/00000.png --question="What shape is this?"
+    python eval.py --ckpt_dir=out/shapes/ckpt                   # the three shapes benchmarks
+    python eval.py config/eval_pope.py --ckpt_dir=out/mocha-phi2-stage2/ckpt   # real POPE (also eval_gqa.py, eval_mme.py)
+    torchrun --standalone --nproc_per_node=8 eval.py config/eval_gqa.py --ckpt_dir=out/mocha-phi2-stage2/ckpt
+    python eval.py --ckpt_dir=out/shapes/ckpt --image=data/shapes/images/000000.png --question="What shape is this?"
 
 The scorers re-implement, without copying, what LLaVA runs:
 - answering: llava/eval/model_vqa_loader.py ("<image>\n" + question, greedy, answers jsonl);

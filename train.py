@@ -346,6 +346,6 @@ print(f"rank {rank}: stopped after step {step + 1}; samples skipped as bad here:
 if eval_shapes_at_end and step + 1 == total_steps:
     from eval import evaluate_shapes
     raw_model.eval()
-    results = evaluate_shapes(raw_model, tokenizer_, os.path.dirname(data_json), os.path.join(out_dir, 'eval'))
+    evaluate_shapes(raw_model, tokenizer_, os.path.dirname(data_json), os.path.join(out_dir, 'eval'))
 if distributed:
     dist.destroy_process_group()

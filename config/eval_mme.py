@@ -4,7 +4,7 @@
 #                                                           from the MME authors (BradyFU/Awesome-Multimodal-
 #                                                           Large-Language-Models, Evaluation branch)
 # The scorer reads the tables directly: no convert_answer_to_mme.py / eval_tool step is needed.
-# python eval.py config/eval_mme.py --ckpt_dir=out/stage2
+# python eval.py config/eval_mme.py --ckpt_dir=out/mocha-phi2-stage2/ckpt
 benchmark = 'mme'
 question_file = 'playground/data/eval/MME/llava_mme.jsonl'
 image_folder = 'playground/data/eval/MME/MME_Benchmark_release_version'
