@@ -9,6 +9,7 @@ code's per-image / per-group / per-expert loops, written plainly; bench.py times
 """
 import copy
 import filecmp
+import glob
 import itertools
 import json
 import math
@@ -299,6 +300,50 @@ def test_hga_runs_in_float32_under_bf16_autocast():
     torch.testing.assert_close(out.float(), released_hga(x.float(), [4, 6]), atol=2e-2, rtol=2e-2)
 
 # -----------------------------------------------------------------------------
+# bench.py's memory and FLOPs table, on config/stage2.py cut to 2 LLM layers and 1 encoder layer
+# (real widths, vocabulary and 2560 positions; fake tensors, so no memory): about 20 s on 2 cores
+
+
+@pytest.fixture(scope='module')
+def memory_rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp('bench') / 'memory.json'
+    subprocess.run([sys.executable, 'bench.py', '--table=memory', '--configs=config/stage2.py', '--llm_layers=2',
+                    '--encoder_layers=1', f'--memory_json={path}'], check=True, capture_output=True,
+                   cwd=os.path.dirname(os.path.abspath(__file__)))
+    return {row['parallel']: row for row in json.loads(path.read_text())}
+
+
+def test_memory_table_traces_every_state_and_shards_them_under_fsdp(memory_rows):
+    ddp, fsdp = memory_rows['ddp'], memory_rows['fsdp']
+    for row in (ddp, fsdp):
+        for key in ('weights', 'grads', 'optimizer', 'activations', 'peak', 'ddp_buckets', 'autocast_cache',
+                    'model_flops', 'hardware_flops'):
+            assert key in row, key
+        assert row['peak'] >= row['weights'] + row['grads'] + row['optimizer'] and row['activations'] > 0
+    # DDP: float32 weights, float32 gradients of what trains, AdamW's two float32 moments of them
+    assert ddp['grads'] == ddp['trainable_bytes'] == ddp['ddp_buckets']
+    assert ddp['optimizer'] == pytest.approx(2 * ddp['grads'], rel=1e-3)
+    assert ddp['weights'] > ddp['grads']  # the frozen encoders are held too
+    # FSDP over 8 ranks holds an eighth of each (rounded up per tensor)
+    for key in ('weights', 'grads', 'optimizer'):
+        assert fsdp[key] == pytest.approx(ddp[key] / 8, rel=0.01), key
+    assert fsdp['peak'] < ddp['peak']
+
+
+def test_traced_llm_flops_are_the_matmul_and_attention_formula(memory_rows):
+    """FlopCounterMode's count of the decoder layers and LM head, against 6 x tokens x matmul weights
+    (forward, input gradient, weight gradient) plus attention: 4 B L^2 d forward, 10 B L^2 d backward
+    (PyTorch's SDPA backward formula recomputes the scores), full L x L although causal."""
+    row = memory_rows['ddp']
+    d, vocab, layers = 2560, 51200, 2                                      # Phi-2 widths, cut to 2 layers
+    B, L = row['batch_size'], row['max_length']
+    layer_weights = 4 * d * d + 2 * d * 4 * d                              # q, k, v, dense; fc1, fc2
+    expected = 6 * B * L * (layers * layer_weights + d * vocab) + layers * 14 * B * L * L * d
+    assert row['llm_model_flops'] == pytest.approx(expected, rel=0.01)
+    # the recompute of gradient checkpointing costs at most one more forward of the layers
+    assert row['model_flops'] < row['hardware_flops'] <= row['model_flops'] + expected / 3
+
+# -----------------------------------------------------------------------------
 # MoCHA: splice, loss, generation, checkpoints
 
 
@@ -497,6 +542,68 @@ def llama_tokenizers(tmp_path_factory):
 def tokenizers(word_tokenizer, bpe_tokenizer, llama_tokenizers):
     return {'word': word_tokenizer, 'bpe': bpe_tokenizer, 'llama': llama_tokenizers[True],
             'llama-nonlegacy': llama_tokenizers[False]}
+
+
+@pytest.fixture(scope='module')
+def sp_llama_dir(tmp_path_factory):
+    """sp_llama_dir(legacy=False) -> path (str) of a Llama-2 / Vicuna-v1.5 style tokenizer folder as those
+    ship: a SentencePiece BPE tokenizer.model trained here (byte fallback, dummy prefix, <unk> <s> </s> =
+    0 1 2, 500 pieces) and a tokenizer_config.json naming LlamaTokenizer, and no tokenizer.json, so loading
+    it converts the SentencePiece model (transformers needs sentencepiece + protobuf for that). One model,
+    one folder per `legacy` value (False: transformers 5's default; True: a space-prefix after special
+    tokens such as </s>). Under a second to build."""
+    import io
+    import sentencepiece
+    model = io.BytesIO()
+    corpus = CORPUS + ['Das Café hat 12 Kuchen.', 'Yes, it is red!', 'What is shown here?', 'A photo of two dogs.']
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 5), model_writer=model, vocab_size=500, model_type='bpe',
+        byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+        character_coverage=1.0, normalization_rule_name='identity', unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    folders = {}
+
+    def build(legacy=False):
+        if legacy not in folders:
+            folder = tmp_path_factory.mktemp(f'sp_llama_legacy_{legacy}')
+            (folder / 'tokenizer.model').write_bytes(model.getvalue())
+            (folder / 'tokenizer_config.json').write_text(json.dumps(dict(
+                tokenizer_class='LlamaTokenizer', bos_token='<s>', eos_token='</s>', unk_token='<unk>',
+                add_bos_token=True, add_eos_token=False, legacy=legacy)))
+            folders[legacy] = str(folder)
+        return folders[legacy]
+    return build
+
+
+@pytest.mark.parametrize('legacy', [False, True])
+def test_a_llama_folder_with_only_tokenizer_model_loads_the_way_mocha_loads_it(sp_llama_dir, legacy, tmp_path):
+    """Vicuna-7B v1.5 and Llama-2 ship tokenizer.model, no tokenizer.json. Loaded as MoCHA (and so train.py
+    and eval.py) loads config.tokenizer, it must encode exactly as SentencePiece itself does, <s> first,
+    decode back to the text, and travel with a checkpoint unchanged."""
+    import sentencepiece
+    folder = sp_llama_dir(legacy)
+    assert sorted(os.listdir(folder)) == ['tokenizer.model', 'tokenizer_config.json']
+    torch.manual_seed(0)
+    model = MoCHA(tiny_config(folder))
+    tokenizer = model.tokenizer
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, 'tokenizer.model'))
+    texts = ['What color is the circle?', 'a large red circle\nat the top left', 'Das Café hat 12 Kuchen, 3 €.']
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert ids == [sp.bos_id()] + sp.encode(text)                          # <s>, then SentencePiece's ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id] == [0, 1, 2]
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode('€', add_special_tokens=False)) == [
+        '▁', '<0xE2>', '<0x82>', '<0xAC>']                                      # byte fallback, after the prefix
+    # the dummy prefix: a text's first word is the word it would be after a space
+    assert tokenizer.tokenize('circle')[0].startswith('▁')
+    assert tokenizer.tokenize('circle') == tokenizer.tokenize('the circle')[len(tokenizer.tokenize('the')):]
+    # legacy: whether the word right after a special token (an answer's </s>, then "USER") gets a '▁' too
+    assert tokenizer.tokenize('</s>USER')[1].startswith('▁') == legacy
+    assert model.llm.config.vocab_size == len(tokenizer) == 500
+    model.save_pretrained(tmp_path / 'ckpt')
+    reloaded = MoCHA.from_pretrained(tmp_path / 'ckpt').tokenizer
+    assert [reloaded.encode(t) for t in texts + ['</s>USER']] == [tokenizer.encode(t) for t in texts + ['</s>USER']]
 
 
 # -----------------------------------------------------------------------------
@@ -1487,6 +1594,56 @@ def test_an_invalid_option_stops_every_process_with_a_clear_error(small_shapes, 
     assert result.stderr.count("parallel must be one of ('ddp', 'fsdp'), got 'dpp'") >= 2  # both ranks
 
 
+ENTRY_POINTS = ('train.py', 'eval.py', 'bench.py', 'shapes.py', 'ablate.py', 'plot.py')
+
+
+def config_names(script):
+    """The --key=value names a script takes: the names it assigns before running configurator.py
+    (ablate.py also passes train.py's on)."""
+    source = open(script).read()
+    head = source[:source.index("exec(open('configurator.py')")] if 'configurator.py' in source else source
+    names = set(re.findall(r'^\s*(\w+)(?:, \w+)* = ', head, re.M)) | set(re.findall(r'^\s*\w+, (\w+) = ', head, re.M))
+    return names | (train_defaults() if script == 'ablate.py' else set())
+
+
+def shown_commands():
+    """(where, script, args) of every `python X.py ...` / `torchrun ... X.py ...` shown in README.md, in the
+    entry points' docstrings and in the configs' comments."""
+    import ast
+    texts = {'README.md': open('README.md').read()}
+    texts.update({f: ast.get_docstring(ast.parse(open(f).read())) or '' for f in ENTRY_POINTS if os.path.exists(f)})
+    texts.update({f: open(f).read() for f in sorted(glob.glob('config/*.py'))})
+    for where, text in texts.items():
+        for line in text.splitlines():
+            match = re.search(r'(?:python|torchrun)\b[^`#\n]*?\b(\w+\.py)\b([^`#\n]*)', line)
+            if match and match.group(1) in ENTRY_POINTS:
+                yield where, match.group(1), match.group(2).split()
+
+
+def test_every_command_shown_names_real_files_keys_and_paths(small_shapes):
+    """Every command the README, the docstrings and the configs show: the script and config files exist,
+    every --key is one the script reads, a --ckpt_dir is where train.py writes a config's checkpoint, and
+    a shapes file has a name that shapes.py writes."""
+    ckpt_dirs = {os.path.join(re.search(r"^out_dir = '([^']+)'", open(f).read(), re.M).group(1), 'ckpt')
+                 for f in glob.glob('config/*.py') if re.search(r"^out_dir = ", open(f).read(), re.M)}
+    commands = list(shown_commands())
+    assert len(commands) >= 15
+    for where, script, args in commands:
+        assert os.path.exists(script), (where, script)
+        if any(a.startswith('--') and '=' not in a for a in args):
+            continue  # another tool's flags (the official GQA script's, for one)
+        for arg in args:
+            if arg.startswith('config/'):
+                assert os.path.exists(arg), (where, arg)
+            elif arg.startswith('--'):
+                key, value = arg[2:].split('=', 1)
+                assert key in config_names(script), (where, script, key)
+                if key == 'ckpt_dir' and value != '...':
+                    assert value in ckpt_dirs, (where, value)
+                if value.startswith('data/shapes/'):
+                    assert (small_shapes / value.removeprefix('data/shapes/')).exists(), (where, value)
+
+
 def test_dry_run_shows_the_template_and_fails_on_skipped_samples(small_shapes, llama_tokenizers, tmp_path):
     """train.py --dry_run=True prints samples piece by piece with learned pieces marked, the visual-token
     count and the length distribution, and exits non-zero when too many samples are skipped; it builds
@@ -1653,3 +1810,112 @@ def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
     assert '| mlp | 2 |' in (out / 'ablation.md').read_text()
     assert 'upcycled every expert' in (out / 'upcycled' / 'seed0' / 'train.log').read_text()
     assert (out / 'mlp/seed0/losses.txt').read_text() != (out / 'mlp/seed1/losses.txt').read_text()
+
+
+# -----------------------------------------------------------------------------
+# full size: the real widths, vocabularies, resolution and token counts, one layer per tower
+
+
+def full_size_step(tmp_path, llm, stage, template, tokenizer, conversations, learning_rate):
+    """One optimizer step at full width, taken as train.py takes it, on CPU in float32 (bf16 autocast is
+    slow on CPUs without bf16 units; train.py keeps bf16 for GPUs). train.py itself is a script that ends
+    by writing a checkpoint, gigabytes at these widths, so this makes its calls in its order: MoCHA from
+    MoCHAConfig, the stage's requires_grad, gradient checkpointing, LLaVADataset + collate at
+    max_length=2560, the forward with the batch's target count (Eq. 10), backward, clip_grad_norm_, AdamW.
+    Every tower has one layer (encoder_layers, llm_layers: ConvNeXt one block per stage), and the LLM's
+    vocabulary is cut to 4096 rows (HF's resize_token_embeddings): nothing else depends on it, and at Phi-2's
+    51200 the LM head over 2560 positions and its AdamW state took more than half of a 100 s step. Widths,
+    resolution, visual-token counts and positions are real. Returns the model after the step, the batch, the forward's outputs, the rotary embedding's positions
+    and angles, and the weights (a gate, the LM head) from before the step."""
+    torch.manual_seed(0)
+    model = MoCHA(MoCHAConfig(encoder_source='random', llm=llm, llm_source='random', tokenizer=tokenizer,
+                              template=template, encoder_layers=1, llm_layers=1))
+    assert model.llm.config.vocab_size == LLM_SPECS[llm][1]['vocab_size']
+    model.llm.resize_token_embeddings(4096)
+    model.requires_grad_(False)
+    model.moecs.requires_grad_(True)
+    model.llm.requires_grad_(stage == 2)
+    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    model.llm.config.use_cache = False
+    model.train()
+    pixels = np.random.RandomState(0).randint(0, 256, (480, 640, 3), dtype=np.uint8)  # padded to square, resized
+    Image.fromarray(pixels).save(tmp_path / 'photo.png')
+    (tmp_path / 'data.json').write_text(json.dumps([dict(id='full', image='photo.png', conversations=conversations)]))
+    dataset = data.LLaVADataset(str(tmp_path / 'data.json'), str(tmp_path), model.tokenizer, template, 336, 2560,
+                                model.num_visual_tokens)
+    tokenizer = model.tokenizer
+    batch = data.collate([dataset[0]], tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                         else tokenizer.eos_token_id, 336)
+    rotary = []
+    model.llm.model.rotary_emb.register_forward_hook(
+        lambda module, args, kwargs, output: rotary.append((kwargs['position_ids'], output[0])), with_kwargs=True)
+    before = {'gate': model.moecs['siglip'].gate.weight.detach().clone(),
+              'lm_head': model.llm.get_output_embeddings().weight[:4].detach().clone()}
+    num_targets = int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
+    out = model(batch['input_ids'], batch['attention_mask'], batch['labels'], batch['images'], num_targets)
+    out['loss'].backward()
+    out['logits'] = out['logits'].shape
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    torch.optim.AdamW(trainable, lr=learning_rate, betas=(0.9, 0.999), weight_decay=0.0, fused=False).step()
+    return model, batch, out, rotary, before
+
+
+def assert_full_size_encoders(model):
+    """All four encoders at 336 px: SigLIP's 384-px positions interpolated to 21x21, ConvNeXt-XXL's
+    4-px stem and 4 stages up to 3072 channels (pooled in threes), CLIP-L/14 and DINOv2-L/14 at 24x24."""
+    assert model.group_sizes == [441, 100, 576, 576] and model.num_visual_tokens == 1693  # Table 9
+    assert model.encoders.dims == [1024] * 4 and model.encoders.encoders['siglip'].interpolate
+    convnext = model.encoders.encoders['convnext'].backbone
+    assert [(f['num_chs'], f['reduction']) for f in convnext.feature_info] == [(384, 4), (768, 8), (1536, 16),
+                                                                               (3072, 32)]
+    assert [len(stage.blocks) for stage in convnext.stages] == [1, 1, 1, 1]
+
+
+def test_phi2_stage2_step_at_full_width_reaches_2560_positions(tokenizer_dir, tmp_path):
+    """The path users pay for, config/stage2.py: MoECs + Phi-2 learn on a sample that fills max_length=2560
+    once its image is spliced in; Phi-2 was trained on 2048 positions and takes the rest by extrapolating
+    its rotary angles. About 45 s and 6 GB of memory on 2 cores."""
+    turns = human_gpt('<image>\nis there a red circle ?', 'yes') + human_gpt('what color is the circle ?', 'red') * 120
+    model, batch, out, rotary, before = full_size_step(tmp_path, 'microsoft/phi-2', 2, 'phi', tokenizer_dir, turns,
+                                                       learning_rate=2e-5)
+    assert_full_size_encoders(model)
+    assert len(model.llm.model.layers) == 1 and model.llm.config.hidden_size == 2560
+    assert batch['input_ids'].shape == (1, 2560 - 1692)                  # cut to fit, the placeholder kept
+    assert out['logits'] == (1, 2560, 4096)
+    assert all(math.isfinite(out[k].item()) for k in ('lm_loss', 'balance_loss', 'z_loss'))
+    assert math.isfinite(out['loss'].item())
+    # positions 2048-2559: rotary angles computed for them (extrapolated), not clamped to 2047
+    (position_ids, cos), = rotary
+    assert position_ids.max() == 2559 and model.llm.config.max_position_embeddings == 2048
+    inv_freq = model.llm.model.rotary_emb.inv_freq
+    torch.testing.assert_close(cos[0, 2559, :len(inv_freq)], torch.cos(2559 * inv_freq))
+    # gradients: every MoEC and LLM weight (under gradient checkpointing), no encoder weight
+    for name, p in itertools.chain(model.moecs.named_parameters(), model.llm.named_parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(moec.experts[e][0].weight.grad.abs().sum() > 0 for moec in model.moecs.values() for e in range(4))
+    assert all(p.grad is None and not p.requires_grad for p in model.encoders.parameters())
+    assert not torch.equal(model.moecs['siglip'].gate.weight, before['gate'])
+    assert not torch.equal(model.llm.get_output_embeddings().weight[:4], before['lm_head'])
+
+
+def test_vicuna_stage1_step_at_full_width_trains_only_the_moecs(sp_llama_dir, tmp_path):
+    """config/stage1_vicuna7b.py: the MoECs (1024 -> 4096) learn through a frozen Vicuna-width LLM, on an
+    image and a caption as LCS-558K has them (plain template, ~1.7k positions), read by a Llama-style
+    SentencePiece tokenizer. About 45 s and 6 GB of memory on 2 cores."""
+    caption = 'a large red circle at the top left and a small square next to it , ' * 3
+    model, batch, out, rotary, before = full_size_step(tmp_path, 'lmsys/vicuna-7b-v1.5', 1, 'plain', sp_llama_dir(),
+                                                       human_gpt('<image>\nDescribe the image.', caption),
+                                                       learning_rate=1e-3)
+    assert_full_size_encoders(model)
+    assert len(model.llm.model.layers) == 1 and model.llm.config.hidden_size == 4096
+    assert all(moec.experts[0][2].out_features == 4096 for moec in model.moecs.values())
+    length = batch['input_ids'].shape[1] + 1692
+    assert batch['input_ids'][0, :2].tolist() == [1, IMAGE_TOKEN_ID] and out['logits'] == (1, length, 4096)
+    assert all(math.isfinite(float(out[k])) for k in ('loss', 'lm_loss', 'balance_loss', 'z_loss'))
+    for name, p in model.moecs.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(p.grad is None and not p.requires_grad for p in model.llm.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.encoders.parameters())
+    assert not torch.equal(model.moecs['siglip'].gate.weight, before['gate'])
+    assert torch.equal(model.llm.get_output_embeddings().weight[:4], before['lm_head'])
