@@ -18,6 +18,7 @@ References:
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -244,7 +245,7 @@ class MoEC(nn.Module):
         self.experts = nn.ModuleList(
             nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out)) for _ in range(num_experts))
 
-    def forward(self, x):  # x: [B, N, d_in]
+    def forward(self, x, stats=None):  # x: [B, N, d_in]; stats: None, or a dict to fill (below)
         B, N, _ = x.shape
         E, k = len(self.experts), self.top_k
         # Eq. 2: p = softmax(W_g x), in float32 so routing is the same under bf16 autocast
@@ -271,6 +272,15 @@ class MoEC(nn.Module):
         balance_loss = E * E * (mean_prob * top1_fraction).mean()
         # router z-loss keeps the logits small: mean(logsumexp(logits)^2)
         z_loss = router_logits.logsumexp(dim=-1).pow(2).mean()
+        if stats is not None:  # what train.py logs and eval.py draws: tensors, no graph, no host sync
+            with torch.no_grad():
+                stats.update(
+                    # share of the B*N*k top-k assignments each expert got: [E], sums to 1
+                    usage=torch.bincount(top_experts.flatten(), minlength=E).float() / top_experts.numel(),
+                    # mean over tokens of the router softmax's entropy (log E = uniform, 0 = one expert)
+                    entropy=-(probs * router_logits.log_softmax(dim=-1)).sum(-1).mean(),
+                    balance_loss=balance_loss.detach(), z_loss=z_loss.detach(),
+                    top1=top_experts[..., 0])                                  # [B, N]
         return y.view(B, N, -1), balance_loss, z_loss
 
     @torch.no_grad()
@@ -278,6 +288,8 @@ class MoEC(nn.Module):
         """Table 4: every expert starts as a copy of a trained MLP connector. Takes LLaVA's
         mm_projector layout ('0.weight', '2.bias', ...) or a 1-expert MoEC's ('experts.0.0.weight', ...)."""
         mlp = {k.removeprefix('experts.0.'): v for k, v in mlp_state_dict.items() if k != 'gate.weight'}
+        if any(k.startswith('experts.') for k in mlp):
+            raise ValueError("upcycling needs a connector with one expert (an MLP); this one has several")
         for expert in self.experts:
             expert.load_state_dict(mlp)
         return self
@@ -295,16 +307,16 @@ class HGA(nn.Module):
         super().__init__()
         self.k_intra, self.k_inter, self.enabled = k_intra, k_inter, enabled
 
-    def forward(self, x, group_sizes):  # x: [B, N, D]; group_sizes sum to N
+    def forward(self, x, group_sizes, stats=None):  # x: [B, N, D]; group_sizes sum to N; stats: a dict to fill
         B, N, D = x.shape
         if sum(group_sizes) != N:
             raise ValueError(f"group sizes {list(group_sizes)} sum to {sum(group_sizes)}, but x has {N} tokens")
         if not self.enabled:
             return x
         with torch.autocast(device_type=x.device.type, enabled=False):  # top-k and min-max want float32
-            return self.attend(x.float(), group_sizes).to(x.dtype)
+            return self.attend(x.float(), group_sizes, stats).to(x.dtype)
 
-    def attend(self, x, group_sizes):
+    def attend(self, x, group_sizes, stats=None):
         B, N, D = x.shape
         sizes = torch.tensor(group_sizes, device=x.device)
         group_of = torch.repeat_interleave(torch.arange(len(group_sizes), device=x.device), sizes)  # [N]
@@ -334,6 +346,15 @@ class HGA(nn.Module):
         # Eq. 9: g_i = sigmoid(10 (mean_d |x_i - a_i| - 0.2)), z_i = (1 - g_i) x_i + g_i a_i
         gate = torch.sigmoid(10 * ((x - aggregated).abs().mean(-1, keepdim=True) - 0.2))
         mixed = (1 - gate) * x + gate * aggregated
+        if stats is not None:  # what train.py logs and eval.py draws: tensors, no graph, no host sync
+            with torch.no_grad():
+                k_intra = intra[0].shape[-1]
+                mean_kept = lambda w, kept: (w * kept).sum() / kept.sum().clamp(min=1)
+                stats.update(gate=gate.mean(), gate_per_token=gate[..., 0],                  # [B, N]
+                             intra_weight=mean_kept(weights[..., :k_intra], edge_kept[..., :k_intra]),
+                             inter_weight=mean_kept(weights[..., k_intra:], edge_kept[..., k_intra:]),
+                             inter_edge_weights=weights[..., k_intra:].detach(),              # [B, N, k_inter]
+                             inter_edge_targets=edge_dst[..., k_intra:])                      # 0 where not kept
         return F.layer_norm(mixed, (D,), eps=1e-5)
 
     @staticmethod
@@ -408,20 +429,22 @@ class MoCHA(nn.Module):
     def num_visual_tokens(self):
         return sum(self.group_sizes)
 
-    def encode_images(self, images):
-        """[B, 3, S, S] -> visual embeddings [B, N_vis, d_llm], with the summed router losses."""
+    def encode_images(self, images, stats=None):
+        """[B, 3, S, S] -> visual embeddings [B, N_vis, d_llm], with the summed router losses.
+        stats: None, or a dict that gets one dict per MoEC (by encoder name) and 'hga' (MoEC.forward, HGA.attend)."""
         encoder_tokens = self.encoders(images)                              # Eq. 1: each [B, N_g, d_enc]
         if self.config.fusion == 'channel':
             encoder_tokens = [resample_grid_and_concat(encoder_tokens, self.group_sizes[0])]
         projected, balance_loss, z_loss = [], 0.0, 0.0
-        for tokens, moec in zip(encoder_tokens, self.moecs.values()):
-            visual, balance, z = moec(tokens)                              # Eqs. 2-5: [B, N_g, d_llm]
+        for (name, moec), tokens in zip(self.moecs.items(), encoder_tokens):
+            visual, balance, z = moec(tokens, None if stats is None else stats.setdefault(name, {}))  # Eqs. 2-5
             projected.append(visual)
             balance_loss, z_loss = balance_loss + balance, z_loss + z
         visual_tokens = torch.cat(projected, dim=1)                        # Eq. 6: [B, N_vis, d_llm]
-        return self.hga(visual_tokens, self.group_sizes), balance_loss, z_loss  # Eqs. 7-9
+        hga_stats = None if stats is None or not self.hga.enabled else stats.setdefault('hga', {})
+        return self.hga(visual_tokens, self.group_sizes, hga_stats), balance_loss, z_loss  # Eqs. 7-9
 
-    def splice(self, input_ids, attention_mask, labels, images, left_padded=False):
+    def splice(self, input_ids, attention_mask, labels, images, left_padded=False, stats=None):
         """Replace each sample's single <image> placeholder by its N_vis visual embeddings.
         Returns inputs_embeds [B, L', D], attention_mask [B, L'], labels [B, L'] (or None) and the
         router losses; L' = L + N_vis - 1 when the batch holds an image. Padding stays on its side:
@@ -441,7 +464,7 @@ class MoCHA(nn.Module):
             labels = torch.full_like(input_ids, IGNORE_INDEX)
         if num_images == 0:
             return text_embeds, attention_mask, labels, 0.0, 0.0
-        visual_embeds, balance_loss, z_loss = self.encode_images(images)   # [n_img, N, D]
+        visual_embeds, balance_loss, z_loss = self.encode_images(images, stats)  # [n_img, N, D]
         N = visual_embeds.shape[1]
         # one visual row block per sample (zeros for text-only ones), placed after the text: [B, L + N, D]
         per_sample_visual = text_embeds.new_zeros(B, N, text_embeds.shape[-1])
@@ -462,12 +485,15 @@ class MoCHA(nn.Module):
         new_labels = all_labels.gather(1, source).masked_fill(is_pad, IGNORE_INDEX)
         return inputs_embeds, new_mask, new_labels, balance_loss, z_loss
 
-    def forward(self, input_ids, attention_mask, labels=None, images=None, num_target_tokens=None):
+    def forward(self, input_ids, attention_mask, labels=None, images=None, num_target_tokens=None, with_stats=False):
         """Eq. 10 loss and its parts. The LM loss is a mean over this batch's learned tokens, or,
         given `num_target_tokens`, their sum over that count (train.py passes the global batch's
-        mean per micro-batch, so every learned token weighs the same whatever the GPU or micro-step)."""
+        mean per micro-batch, so every learned token weighs the same whatever the GPU or micro-step).
+        with_stats: also out['stats'], the routing and HGA statistics of this batch's images (see
+        encode_images; empty for a batch without images), computed without a graph."""
+        stats = {} if with_stats else None
         inputs_embeds, attention_mask, labels, balance_loss, z_loss = self.splice(
-            input_ids, attention_mask, labels, images)
+            input_ids, attention_mask, labels, images, stats=stats)
         logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits  # [B, L', V]
         # next-token cross-entropy over the learned positions (labels shifted by one)
         targets = labels[:, 1:].flatten()
@@ -476,15 +502,26 @@ class MoCHA(nn.Module):
         lm_loss = lm_loss / (num_target_tokens or (targets != IGNORE_INDEX).sum().clamp(min=1))
         # Eq. 10: L = L_lm + 0.1 sum_g L_balance + 0.01 sum_g L_z
         loss = lm_loss + self.config.balance_coef * balance_loss + self.config.z_coef * z_loss
+        if self.training and torch.is_grad_enabled() and (images is None or len(images) == 0):
+            # no image: the connectors (and trained encoders) would be out of the graph. FSDP reduce-scatters
+            # the gradients each process holds, so every process must hold the same ones (or the run dies on
+            # a size mismatch): the image path runs on one blank image, weighted 0 (zero gradients, same loss)
+            blank = torch.zeros(1, 3, self.config.image_size, self.config.image_size, device=logits.device)
+            visual, balance, z = self.encode_images(blank)
+            loss = loss + 0.0 * (visual.float().sum() + balance + z)
         as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=logits.device)
-        return dict(loss=loss, lm_loss=lm_loss.detach(), balance_loss=as_tensor(balance_loss).detach(),
-                    z_loss=as_tensor(z_loss).detach(), logits=logits)
+        out = dict(loss=loss, lm_loss=lm_loss.detach(), balance_loss=as_tensor(balance_loss).detach(),
+                   z_loss=as_tensor(z_loss).detach(), logits=logits)
+        if with_stats:
+            out['stats'] = stats
+        return out
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, images=None, max_new_tokens=32):
-        """Greedy decoding from left-padded prompts; returns the new tokens [B, T_new]."""
+    def generate(self, input_ids, attention_mask, images=None, max_new_tokens=32, stats=None):
+        """Greedy decoding from left-padded prompts; returns the new tokens [B, T_new].
+        stats: None, or a dict that gets the images' routing and HGA statistics (encode_images)."""
         inputs_embeds, attention_mask, _, _, _ = self.splice(input_ids, attention_mask, None, images,
-                                                             left_padded=True)
+                                                             left_padded=True, stats=stats)
         tokenizer = self.tokenizer
         eos_id = tokenizer.eos_token_id if tokenizer else self.llm.config.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer and tokenizer.pad_token_id is not None else eos_id
@@ -519,6 +556,14 @@ class MoCHA(nn.Module):
         os.replace(os.path.join(out_dir, 'config.json.tmp'), os.path.join(out_dir, 'config.json'))
         if self.tokenizer is not None:  # the tokenizer travels with the weights, as the template does (config)
             self.tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
+            if getattr(self.tokenizer, 'legacy', None) is not None:
+                # transformers 5 leaves a Llama tokenizer's `legacy` out of the config it saves and rebuilds it
+                # as non-legacy on loading: keep the setting, or the word after </s> tokenises differently
+                tokenizer_config = os.path.join(out_dir, 'tokenizer', 'tokenizer_config.json')
+                with open(tokenizer_config) as f:
+                    saved = json.load(f)
+                with open(tokenizer_config, 'w') as f:
+                    json.dump(dict(saved, legacy=self.tokenizer.legacy), f, indent=2)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, **overrides):
@@ -551,3 +596,52 @@ def resample_grid_and_concat(encoder_tokens, num_tokens):
         grid = F.interpolate(grid, size=(side, side), mode='bilinear', align_corners=False)
         grids.append(grid.flatten(2).transpose(1, 2))
     return torch.cat(grids, dim=-1)
+
+# -----------------------------------------------------------------------------
+# Looking inside a run: the one FLOP count (train.py's FLOP/s and MFU, bench.py's table) and expert collapse
+
+
+def register_cpu_attention_flops():
+    """FlopCounterMode knows the CUDA attention kernels; on CPU, SDPA runs its own flash kernel:
+    count it with the same formulas (full L x L attention, causal or not, as for CUDA)."""
+    from torch.utils import flop_counter
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, flop_counter.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, flop_counter.sdpa_backward_flop)):
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op, get_raw=True)(formula)  # formula: already takes shapes
+
+
+def count_flops(model, batch):
+    """Runs one training forward + backward of `batch` (MoCHA.forward's arguments by name; `model` may be
+    wrapped by DDP/FSDP) under torch's FlopCounterMode, which counts matmuls, convolutions and attention.
+    Returns 'hardware' (all that ran, the LLM's gradient-checkpointing recompute included), 'model' (without
+    the recompute: what MFU counts) and 'by_module' ({module name: {op: FLOPs}}, both passes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    register_cpu_attention_flops()
+    forward_counter, backward_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with forward_counter:
+        out = model(**batch)
+    with backward_counter:
+        out['loss'].backward()
+    by_module = {}
+    for counter in (forward_counter, backward_counter):
+        for name, ops in counter.get_flop_counts().items():
+            for op, flops in ops.items():
+                by_module.setdefault(name, {}).setdefault(op, 0)
+                by_module[name][op] += flops
+    hardware = forward_counter.get_total_flops() + backward_counter.get_total_flops()
+    # checkpointing reruns each decoder layer's forward inside the backward: take that forward back out
+    llm = getattr(model, 'module', model).llm
+    recompute = 0
+    if getattr(llm, 'is_gradient_checkpointing', False):
+        recompute = sum(sum(ops.values()) for name, ops in forward_counter.get_flop_counts().items()
+                        if re.search(r'\.llm\.model\.layers\.\d+$', name))
+    return dict(hardware=hardware, model=hardware - recompute, by_module=by_module)
+
+
+def collapsed_experts(usage, collapse_fraction):
+    """The experts of one MoEC whose mean share of the top-k assignments over a window of log steps
+    (usage: [steps, E], each row MoEC.forward's stats['usage']) is below collapse_fraction of the fair share 1/E."""
+    mean_usage = torch.stack([torch.as_tensor(row, dtype=torch.float32) for row in usage]).mean(dim=0)  # [E]
+    return (mean_usage < collapse_fraction / mean_usage.numel()).nonzero().flatten().tolist()

@@ -1722,6 +1722,23 @@ def test_stage1_trains_only_moecs_and_stage2_starts_from_them(small_shapes, tmp_
         assert ("was trained with the 'phi' template" in result.stdout) == warned
 
 
+def test_upcycling_from_a_one_expert_run_and_from_a_llava_projector(small_shapes, tmp_path):
+    """Paper Table 4's upcycling, from both sources a user has: a one-expert MoCHA run (num_experts=1,
+    top_k=1: LLaVA's MLP connector per encoder), and LLaVA-1.5's mm_projector.bin (one MLP reading CLIP,
+    keys 'model.mm_projector.0.weight', ...). With lr 0 every expert still equals its source after a step."""
+    clip_only = "--encoders=('clip',)"
+    mlp, _ = run_train(small_shapes, tmp_path / 'mlp', clip_only, '--num_experts=1', '--top_k=1', '--max_steps=1')
+    projector = {k.replace('moecs.clip.experts.0.', 'model.mm_projector.'): v
+                 for k, v in mlp.items() if k.startswith('moecs.clip.experts.0.')}
+    torch.save(projector, tmp_path / 'mm_projector.bin')
+    for source in (tmp_path / 'mlp' / 'ckpt', tmp_path / 'mm_projector.bin'):
+        upcycled, _ = run_train(small_shapes, tmp_path / f'from_{source.stem}', clip_only, f'--upcycle_from={source}',
+                                '--learning_rate=0.0', '--max_steps=1')
+        for e in range(4):
+            for layer in ('0.weight', '0.bias', '2.weight', '2.bias'):
+                assert torch.equal(upcycled[f'moecs.clip.experts.{e}.{layer}'], projector[f'model.mm_projector.{layer}'])
+
+
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_shapes, tmp_path):
     _, one = run_train(small_shapes, tmp_path / 'one', '--batch_size=4')
     _, two = run_train(small_shapes, tmp_path / 'two', '--batch_size=2', nproc=2)
@@ -1729,12 +1746,14 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_s
     assert one == pytest.approx(two, abs=1e-4)
 
 
-def test_an_over_long_sample_leaves_both_processes_in_step(small_shapes, tmp_path):
+@pytest.mark.parametrize('parallel', ['ddp', 'fsdp'])
+def test_an_over_long_sample_leaves_both_processes_in_step(small_shapes, tmp_path, parallel):
     """Two processes, one sample each per step, four samples: two normal, one whose prompt alone passes
-    max_length (skipped at load time: its process gets an empty micro-batch) and one whose answer does
-    (cut). A process that crashed or took a step less would leave the other waiting in DDP's all-reduce;
-    both must report the same last step. max_length=1100 is past the tiny LM's 1024 positions, so the
-    run also starts with the warning about positions it was not trained on. About 15 s on 2 cores."""
+    max_length (skipped at load time: its process gets an empty micro-batch, run as one padding token
+    without image) and one whose answer does (cut). A process that crashed, took a step less or held other
+    gradients (FSDP reduce-scatters what each holds) would stop the other in a collective; both must report
+    the same last step. max_length=1100 is past the tiny LM's 1024 positions, so the run also starts with
+    the warning about positions it was not trained on. About 12 s each on 2 cores."""
     instruct = json.loads((small_shapes / 'instruct.json').read_text())
     normal = [s for s in instruct if s.get('image')][:2]
     words = ' '.join(['what color is the circle ?'] * 250)  # about 1500 tokens
@@ -1746,13 +1765,26 @@ def test_an_over_long_sample_leaves_both_processes_in_step(small_shapes, tmp_pat
     (tmp_path / 'long.json').write_text(json.dumps(samples))
     _, losses, output = run_train(small_shapes, tmp_path / 'out', f'--data_json={tmp_path}/long.json', '--stage=2',
                                   '--template=phi', '--batch_size=1', '--max_steps=2', '--max_length=1100',
-                                  nproc=2, with_output=True)
+                                  f'--parallel={parallel}', nproc=2, with_output=True)
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert output.count("sample 'long_prompt'") == 1 and 'too long' in output and "'long_answer'" not in output
     stops = sorted(line.split(': ', 1)[1] for line in output.splitlines() if line.startswith('rank '))
     assert stops == ['stopped after step 2; samples skipped as bad here: 0',
                      'stopped after step 2; samples skipped as bad here: 1']
     assert 'WARNING: max_length=1100 is past the 1024 positions' in output
+
+
+def test_a_training_batch_without_images_gives_the_connectors_zero_gradients(tiny_mocha):
+    """What keeps FSDP processes in step when one has only text: every training forward reaches the same
+    parameters (the image path runs on a blank image, weighted 0), and the loss is the text's alone."""
+    tiny_mocha.train()
+    tiny_mocha.zero_grad(set_to_none=True)
+    ids, mask = batch_of([[3, 8, 9, 10], [3, 8, 9]])
+    out = tiny_mocha(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX))
+    out['loss'].backward()
+    assert all(p.grad is not None and not p.grad.any() for p in tiny_mocha.moecs.parameters())
+    assert out['loss'].item() == out['lm_loss'].item() and out['balance_loss'] == out['z_loss'] == 0
+    tiny_mocha.zero_grad(set_to_none=True)
 
 
 def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_path):

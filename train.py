@@ -35,9 +35,14 @@ log_interval = 10          # optimizer steps
 save_interval = 1000       # optimizer steps; the end of the run always saves
 stop_at_step = 0           # stop (and save) after this many steps, as if the job were killed; 0 = never
 eval_shapes_at_end = False # score the shapes benchmarks with eval.py when training ends
+eval_interval = 0          # optimizer steps between validation losses (and one at the end); 0 = never
+eval_iters = 0             # batches per validation loss; 0 = the whole held-out slice
+collapse_fraction = 0.1    # WARNING when an expert's share of a MoEC's routed tokens stays below this
+collapse_window = 5        # fraction of the fair share 1/E, averaged over this many log steps
 # data
 data_json = 'playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json'
 image_folder = 'playground/data/LLaVA-Pretrain/images'
+val_fraction = 0.0         # hold out this fraction of data_json (the same samples every run) for the validation loss
 prepare_shapes_data = False  # write data/shapes first if it is missing (the offline world)
 template = 'plain'
 max_length = 2560          # text + visual tokens
@@ -116,6 +121,16 @@ def log(*args):
         tqdm.write(' '.join(str(a) for a in args))
 
 
+# dense bf16 peak FLOP/s of known GPUs (vendor datasheets, no sparsity), by a part of the device name;
+# more specific names first. MFU is None on other devices and on CPU.
+BF16_PEAK_FLOPS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('A100', 312e12),
+                   ('A800', 312e12), ('L40S', 362e12))
+device_peak_flops = None
+if device_type == 'cuda':
+    device_name = torch.cuda.get_device_name(device)
+    device_peak_flops = next((peak for part, peak in BF16_PEAK_FLOPS if part in device_name), None)
+
+
 # -----------------------------------------------------------------------------
 # data
 if prepare_shapes_data:
@@ -156,13 +171,18 @@ elif init_from != 'scratch':
     model = MoCHA.from_pretrained(init_from, template=template, train_encoders=train_encoders)
 else:
     model = MoCHA(model_config)
-if upcycle_from and init_from != 'resume':
-    from safetensors.torch import load_file
-    connectors = load_file(os.path.join(upcycle_from, 'model.safetensors'))
-    for name, moec in model.moecs.items():
-        moec.upcycle_from({k.removeprefix(f'moecs.{name}.'): v for k, v in connectors.items()
-                           if k.startswith(f'moecs.{name}.')})
-    log(f"upcycled every expert from the connectors in {upcycle_from}")
+if upcycle_from and init_from != 'resume':  # paper Table 4: each MLP connector becomes an upcycled MoEC
+    if os.path.isdir(upcycle_from):  # a MoCHA checkpoint with one expert per connector (num_experts=1, top_k=1)
+        from safetensors.torch import load_file
+        connectors = load_file(os.path.join(upcycle_from, 'model.safetensors'))
+        mlps = {name: {k.removeprefix(f'moecs.{name}.'): v for k, v in connectors.items()
+                       if k.startswith(f'moecs.{name}.')} for name in model.moecs}
+    else:  # LLaVA-1.5's mm_projector.bin: its one MLP reads CLIP, so it seeds the CLIP connector
+        projector = torch.load(upcycle_from, map_location='cpu', weights_only=True)
+        mlps = {'clip': {k.split('mm_projector.')[-1]: v for k, v in projector.items()}}
+    for name, mlp in mlps.items():
+        model.moecs[name].upcycle_from(mlp)
+    log(f"upcycled every expert of the {', '.join(mlps)} connector(s) from {upcycle_from}")
 
 # stage 1 trains the MoECs; stage 2 the MoECs and the LLM. Encoders only with train_encoders.
 model.requires_grad_(False)
@@ -186,10 +206,14 @@ if trained_positions and max_length > trained_positions:
 
 dataset = LLaVADataset(data_json, image_folder, tokenizer_, template, image_size, max_length,
                        model.num_visual_tokens, on_bad_sample=on_bad_sample)
-micro_steps_per_epoch = len(dataset) // (batch_size * world_size)
+# the held-out slice for the validation loss: a fixed-seed draw, so the same samples whatever `seed` is
+held_out = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:math.ceil(val_fraction * len(dataset))]
+val_indices = sorted(held_out.tolist())
+train_indices = sorted(set(range(len(dataset))) - set(val_indices))
+micro_steps_per_epoch = len(train_indices) // (batch_size * world_size)
 steps_per_epoch = micro_steps_per_epoch // gradient_accumulation_steps
 total_steps = max_steps or steps_per_epoch * epochs
-assert total_steps > 0, f"{len(dataset)} samples make no optimizer step of {batch_size}x{world_size}x{gradient_accumulation_steps}"
+assert total_steps > 0, f"{len(train_indices)} samples make no optimizer step of {batch_size}x{world_size}x{gradient_accumulation_steps}"
 warmup_steps = math.ceil(warmup_ratio * total_steps)
 
 
@@ -228,9 +252,12 @@ if distributed and parallel == 'fsdp':
         fully_shard(layer, mp_policy=precision)
     fully_shard(model, mp_policy=precision)
 elif distributed:
-    # text-only batches leave the connectors out of the graph: DDP must look for unused parameters
+    # text-only batches leave the connectors out of the graph: DDP must look for unused parameters.
+    # Gradients as views into DDP's all-reduce buckets: no second float32 copy of every gradient
+    # (11 GB per GPU for Phi-2 stage 2; `python bench.py --table=memory`)
     model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True)
+        model, device_ids=[local_rank] if device_type == 'cuda' else None, find_unused_parameters=True,
+        gradient_as_bucket_view=True)
 # built after the wrap: under FSDP the trainable parameters are the sharded ones
 named_trainable = [(n.removeprefix('module.'), p) for n, p in model.named_parameters() if p.requires_grad]
 trainable = [p for _, p in named_trainable]
