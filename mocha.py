@@ -133,7 +133,7 @@ def build_backbone(name, source, path=None, num_layers=0):
         import transformers
         model_class = getattr(transformers, spec['model_class'])
         if source == 'pretrained':
-            return model_class.from_pretrained(path or spec['pretrained'])
+            return model_class.from_pretrained(path or spec['pretrained'], dtype=torch.float32)  # as build_llm
         config_class = getattr(transformers, spec['config_class'])
         config_kwargs = spec['full' if source == 'random' else 'tiny']
         if num_layers:
@@ -350,7 +350,7 @@ class HGA(nn.Module):
             with torch.no_grad():
                 k_intra = intra[0].shape[-1]
                 mean_kept = lambda w, kept: (w * kept).sum() / kept.sum().clamp(min=1)
-                stats.update(gate=gate.mean(), gate_per_token=gate[..., 0],                  # [B, N]
+                stats.update(gate=gate.mean(), gate_per_token=gate[..., 0].detach(),         # [B, N]
                              intra_weight=mean_kept(weights[..., :k_intra], edge_kept[..., :k_intra]),
                              inter_weight=mean_kept(weights[..., k_intra:], edge_kept[..., k_intra:]),
                              inter_edge_weights=weights[..., k_intra:].detach(),              # [B, N, k_inter]
@@ -377,7 +377,9 @@ def build_llm(name, source, vocab_size=None, num_layers=0):
     if num_layers and source == 'pretrained':
         raise ValueError(f"num_layers={num_layers} cuts randomly built LLMs only, not pretrained {name}")
     if source == 'pretrained':
-        return transformers.AutoModelForCausalLM.from_pretrained(name)
+        # float32 master weights whatever the checkpoint holds: transformers 5 would otherwise load Phi-2 and
+        # Vicuna in their stored float16, and AdamW would update float16 weights (bf16 is autocast's job)
+        return transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     if source == 'random':
         if name not in LLM_SPECS:
             raise ValueError(f"no offline architecture for {name!r}; known: {list(LLM_SPECS)}")
@@ -612,32 +614,26 @@ def register_cpu_attention_flops():
             flop_counter.register_flop_formula(op, get_raw=True)(formula)  # formula: already takes shapes
 
 
-def count_flops(model, batch):
-    """Runs one training forward + backward of `batch` (MoCHA.forward's arguments by name; `model` may be
-    wrapped by DDP/FSDP) under torch's FlopCounterMode, which counts matmuls, convolutions and attention.
-    Returns 'hardware' (all that ran, the LLM's gradient-checkpointing recompute included), 'model' (without
-    the recompute: what MFU counts) and 'by_module' ({module name: {op: FLOPs}}, both passes)."""
+def count_flops(model, batch, loss_scale=1.0):
+    """Runs one training forward + backward (of loss * loss_scale) of `batch` (MoCHA.forward's arguments by
+    name; `model` may be wrapped by DDP/FSDP) under torch's FlopCounterMode, which counts matmuls, convolutions
+    and attention. Returns 'hardware' (all that ran: with gradient checkpointing, the decoder layers' forward
+    twice), 'model' (each once: what MFU counts), 'by_module' ({module name: {op: FLOPs}}) and the forward's 'out'."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
     from torch.utils.flop_counter import FlopCounterMode
     register_cpu_attention_flops()
-    forward_counter, backward_counter = FlopCounterMode(display=False), FlopCounterMode(display=False)
-    with forward_counter:
-        out = model(**batch)
-    with backward_counter:
-        out['loss'].backward()
-    by_module = {}
-    for counter in (forward_counter, backward_counter):
-        for name, ops in counter.get_flop_counts().items():
-            for op, flops in ops.items():
-                by_module.setdefault(name, {}).setdefault(op, 0)
-                by_module[name][op] += flops
-    hardware = forward_counter.get_total_flops() + backward_counter.get_total_flops()
-    # checkpointing reruns each decoder layer's forward inside the backward: take that forward back out
     llm = getattr(model, 'module', model).llm
-    recompute = 0
-    if getattr(llm, 'is_gradient_checkpointing', False):
-        recompute = sum(sum(ops.values()) for name, ops in forward_counter.get_flop_counts().items()
-                        if re.search(r'\.llm\.model\.layers\.\d+$', name))
-    return dict(hardware=hardware, model=hardware - recompute, by_module=by_module)
+    checkpointed = any(getattr(module, 'gradient_checkpointing', False) for module in llm.modules())  # HF's flag
+    counter = FlopCounterMode(display=False)
+    # the recompute reruns each checkpointed layer's whole forward (torch otherwise stops it as soon as the
+    # saved tensors are back), so that it is exactly the layers' forward FLOPs, counted before the backward
+    with set_checkpoint_early_stop(False), counter:
+        out = model(**batch)
+        recompute = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                        if checkpointed and re.search(r'\.llm\.model\.layers\.\d+$', name))
+        (out['loss'] * loss_scale).backward()
+    hardware = counter.get_total_flops()
+    return dict(hardware=hardware, model=hardware - recompute, by_module=counter.get_flop_counts(), out=out)
 
 
 def collapsed_experts(usage, collapse_fraction):

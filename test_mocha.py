@@ -135,6 +135,12 @@ def test_convnext_pools_channels_in_threes():
     torch.testing.assert_close(tokens, expected)
 
 
+def test_pretrained_llm_loads_in_float32_whatever_its_checkpoint_holds(tmp_path):
+    """Phi-2's and Vicuna's checkpoints are float16; training needs float32 weights under bf16 autocast."""
+    build_llm('tiny', 'tiny', vocab_size=50).to(torch.float16).save_pretrained(tmp_path / 'llm')
+    assert build_llm(str(tmp_path / 'llm'), 'pretrained').dtype == torch.float32
+
+
 def test_pretrained_loading_path_reads_local_checkpoints(tmp_path):
     """The code that loads public ids also loads local dirs: HF save_pretrained -> from_pretrained,
     and an open_clip model config + checkpoint in a local dir."""
@@ -301,7 +307,7 @@ def test_hga_runs_in_float32_under_bf16_autocast():
 
 # -----------------------------------------------------------------------------
 # bench.py's memory and FLOPs table, on config/stage2.py cut to 2 LLM layers and 1 encoder layer
-# (real widths, vocabulary and 2560 positions; fake tensors, so no memory): about 20 s on 2 cores
+# (real widths, vocabulary and 2560 positions; fake tensors, so no memory): 25-60 s on 2 shared cores
 
 
 @pytest.fixture(scope='module')
@@ -324,9 +330,9 @@ def test_memory_table_traces_every_state_and_shards_them_under_fsdp(memory_rows)
     assert ddp['grads'] == ddp['trainable_bytes'] == ddp['ddp_buckets']
     assert ddp['optimizer'] == pytest.approx(2 * ddp['grads'], rel=1e-3)
     assert ddp['weights'] > ddp['grads']  # the frozen encoders are held too
-    # FSDP over 8 ranks holds an eighth of each (rounded up per tensor)
+    # FSDP over 8 ranks holds an eighth of each (each tensor's first dimension padded to a multiple of 8)
     for key in ('weights', 'grads', 'optimizer'):
-        assert fsdp[key] == pytest.approx(ddp[key] / 8, rel=0.01), key
+        assert ddp[key] / 8 <= fsdp[key] <= ddp[key] / 8 * 1.02, key
     assert fsdp['peak'] < ddp['peak']
 
 
@@ -1753,7 +1759,7 @@ def test_an_over_long_sample_leaves_both_processes_in_step(small_shapes, tmp_pat
     without image) and one whose answer does (cut). A process that crashed, took a step less or held other
     gradients (FSDP reduce-scatters what each holds) would stop the other in a collective; both must report
     the same last step. max_length=1100 is past the tiny LM's 1024 positions, so the run also starts with
-    the warning about positions it was not trained on. About 12 s each on 2 cores."""
+    the warning about positions it was not trained on. 11 s each on 2 cores (25-30 s with other jobs)."""
     instruct = json.loads((small_shapes / 'instruct.json').read_text())
     normal = [s for s in instruct if s.get('image')][:2]
     words = ' '.join(['what color is the circle ?'] * 250)  # about 1500 tokens
@@ -1907,7 +1913,7 @@ def assert_full_size_encoders(model):
 def test_phi2_stage2_step_at_full_width_reaches_2560_positions(tokenizer_dir, tmp_path):
     """The path users pay for, config/stage2.py: MoECs + Phi-2 learn on a sample that fills max_length=2560
     once its image is spliced in; Phi-2 was trained on 2048 positions and takes the rest by extrapolating
-    its rotary angles. About 45 s and 6 GB of memory on 2 cores."""
+    its rotary angles. 24 s on 2 cores (69 s with other jobs running), 6 GB of memory."""
     turns = human_gpt('<image>\nis there a red circle ?', 'yes') + human_gpt('what color is the circle ?', 'red') * 120
     model, batch, out, rotary, before = full_size_step(tmp_path, 'microsoft/phi-2', 2, 'phi', tokenizer_dir, turns,
                                                        learning_rate=2e-5)
@@ -1934,7 +1940,8 @@ def test_phi2_stage2_step_at_full_width_reaches_2560_positions(tokenizer_dir, tm
 def test_vicuna_stage1_step_at_full_width_trains_only_the_moecs(sp_llama_dir, tmp_path):
     """config/stage1_vicuna7b.py: the MoECs (1024 -> 4096) learn through a frozen Vicuna-width LLM, on an
     image and a caption as LCS-558K has them (plain template, ~1.7k positions), read by a Llama-style
-    SentencePiece tokenizer. About 45 s and 6 GB of memory on 2 cores."""
+    SentencePiece tokenizer. 57 s on 2 cores (82 s with other jobs running), 8 GB of memory: the 4096-wide
+    layer over ~1.8k positions, run twice (gradient checkpointing), and AdamW over 336M connector weights."""
     caption = 'a large red circle at the top left and a small square next to it , ' * 3
     model, batch, out, rotary, before = full_size_step(tmp_path, 'lmsys/vicuna-7b-v1.5', 1, 'plain', sp_llama_dir(),
                                                        human_gpt('<image>\nDescribe the image.', caption),
