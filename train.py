@@ -6,10 +6,12 @@ Trains MoCHA, both stages (the paper's Table 8 and the released scripts), on one
     torchrun --nproc_per_node=8 train.py config/stage2.py     # instruct: MoECs + LLM
 
 DDP by default (NCCL on GPU, gloo on CPU); parallel='fsdp' shards the model with PyTorch FSDP
-(fully_shard) so Vicuna-7B stage 2 fits 8x48 GB. Checkpoints go to out_dir/ckpt atomically and
+(fully_shard); what fits which cards: `python bench.py --table=memory`. Checkpoints go to out_dir/ckpt atomically and
 init_from='resume' continues a run exactly where it stopped.
 """
+import collections
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -23,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from data import TEMPLATES, LLaVADataset, collate, dry_run_report
-from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig
+from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig, collapsed_experts, count_flops
 
 # -----------------------------------------------------------------------------
 # default config: stage 1 of MoCHA-Phi2 (paper Table 8). config/*.py files override these.
@@ -217,29 +219,53 @@ assert total_steps > 0, f"{len(train_indices)} samples make no optimizer step of
 warmup_steps = math.ceil(warmup_ratio * total_steps)
 
 
+def batches_of(indices):
+    """The batches of these dataset samples, in this order."""
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+        num_workers=num_workers, collate_fn=lambda b: collate(b, pad_id, image_size),
+        pin_memory=device_type == 'cuda', persistent_workers=False)
+    for batch in loader:
+        if not batch['ids']:
+            # every sample of it was skipped (too long, unreadable image). One padding token that learns
+            # nothing stands in, so this process still runs the forward and backward whose gradient
+            # all-reduce (DDP) or gathers (FSDP) every other process waits in: no crash, no hang
+            batch = dict(batch, input_ids=torch.full((1, 1), pad_id), labels=torch.full((1, 1), IGNORE_INDEX),
+                         attention_mask=torch.ones(1, 1, dtype=torch.long))
+        yield batch
+
+
 def batches_from(step):
     """The micro-batches of this process from optimizer step `step` on. Each epoch is one
-    shuffle of the whole dataset (the same on every process); process r takes every
+    shuffle of the training samples (the same on every process); process r takes every
     world_size-th sample from r, so N processes see the same global batches as one."""
     micro_step = step * gradient_accumulation_steps
     while True:
         epoch, start = divmod(micro_step, micro_steps_per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        per_process = order[rank::world_size][:micro_steps_per_epoch * batch_size]
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, per_process[start * batch_size:]), batch_size=batch_size,
-            num_workers=num_workers, collate_fn=lambda b: collate(b, pad_id, image_size),
-            pin_memory=device_type == 'cuda', persistent_workers=False)
-        for batch in loader:
-            if not batch['ids']:
-                # every sample of it was skipped (too long, unreadable image). One padding token that learns
-                # nothing stands in, so this process still runs the forward and backward whose gradient
-                # all-reduce (DDP) or gathers (FSDP) every other process waits in: no crash, no hang
-                batch = dict(batch, input_ids=torch.full((1, 1), pad_id), labels=torch.full((1, 1), IGNORE_INDEX),
-                             attention_mask=torch.ones(1, 1, dtype=torch.long))
+        order = torch.randperm(len(train_indices), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        per_process = [train_indices[i] for i in order[rank::world_size][:micro_steps_per_epoch * batch_size]]
+        for batch in batches_of(per_process[start * batch_size:]):
             yield batch
             micro_step += 1
         # the epoch is over: the next pass starts at its micro-step 0
+
+
+@torch.no_grad()
+def estimate_val_loss():
+    """nanoGPT's estimate_loss on the held-out slice: the LM loss per learned token over it (or over its first
+    eval_iters global batches). Every process takes the same number of batches (FSDP gathers in each)."""
+    raw_model.eval()
+    per_process = val_indices[rank::world_size][:len(val_indices) // world_size]
+    per_process = per_process[:eval_iters * batch_size or None]
+    loss_sum, targets = torch.zeros((), device=device), 0
+    for batch in batches_of(per_process):
+        with autocast:  # num_target_tokens=1: the summed loss of the batch's learned tokens
+            out = raw_model(batch['input_ids'].to(device), batch['attention_mask'].to(device),
+                            batch['labels'].to(device), batch['images'].to(device), 1)
+        loss_sum += out['lm_loss'].float()
+        targets += int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
+    raw_model.train()
+    return global_sum(loss_sum) / max(global_sum(targets), 1)
 
 
 # -----------------------------------------------------------------------------
@@ -318,12 +344,58 @@ def global_sum(value):
 
 
 # -----------------------------------------------------------------------------
+# what each log step records in out_dir/metrics.jsonl (plot.py draws it): loss parts, speed, and what the
+# connectors do. Every micro-batch's out['stats'] (MoCHA.forward) goes into one flat vector of a fixed
+# layout, summed over the log interval (and over processes) and then averaged.
+MOEC_FIELDS, HGA_FIELDS = ('entropy', 'balance_loss', 'z_loss'), ('gate', 'intra_weight', 'inter_weight')
+moec_names = list(raw_model.moecs)
+experts_per_moec = len(next(iter(raw_model.moecs.values())).experts)
+with_hga = raw_model.hga.enabled
+stats_width = len(moec_names) * (experts_per_moec + len(MOEC_FIELDS)) + len(HGA_FIELDS) * with_hga
+
+
+def stats_vector(stats):
+    """out['stats'] as [usage (E), entropy, balance, z] per MoEC, then HGA's gate, intra and inter edge weights."""
+    values = [torch.cat([stats[name]['usage'], torch.stack([stats[name][k] for k in MOEC_FIELDS])])
+              for name in moec_names]
+    if with_hga:
+        values.append(torch.stack([stats['hga'][k] for k in HGA_FIELDS]))
+    return torch.cat(values).float()
+
+
+def stats_record(vector):
+    """stats_vector's layout back to {'moec': {name: {'usage': [E floats], 'entropy': ..}}, 'hga': {'gate': ..}}."""
+    values, width, record = vector.tolist(), experts_per_moec + len(MOEC_FIELDS), {'moec': {}}
+    for i, name in enumerate(moec_names):
+        usage, fields = values[i * width:i * width + experts_per_moec], values[i * width + experts_per_moec:(i + 1) * width]
+        record['moec'][name] = dict(usage=usage, **dict(zip(MOEC_FIELDS, fields)))
+    if with_hga:
+        record['hga'] = dict(zip(HGA_FIELDS, values[-len(HGA_FIELDS):]))
+    return record
+
+
+metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+if master and init_from != 'resume' and os.path.exists(metrics_path):
+    os.remove(metrics_path)  # a new run starts new curves; a resumed one appends to its own
+
+
+def write_metrics(record):
+    if master:
+        with open(metrics_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+# -----------------------------------------------------------------------------
 # the loop: one optimizer step = gradient_accumulation_steps micro-batches on every process
 model.train()
 batches = batches_from(start_step)
 progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
                 desc=f'stage {stage}', dynamic_ncols=True)
 step, tick, tokens_seen, history = start_step, time.time(), 0, []
+stat_sums = torch.zeros(stats_width + 1, device=device)   # summed stats_vector, then how many were summed
+flops_per_token = None                                    # counted on the first micro-batch (mocha.count_flops)
+usage_window = collections.defaultdict(lambda: collections.deque(maxlen=collapse_window))  # MoEC -> [E] per log step
+warned = set()                                            # (MoEC, expert) collapsed and already warned about
 for step in progress:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step) * group['lr_scale']
@@ -334,14 +406,23 @@ for step in progress:
     parts = torch.zeros(4, device=device)  # loss, lm, balance, z
     for i, batch in enumerate(micro_batches):
         skipped_total += batch['num_skipped']
-        tokens_seen += int(batch['attention_mask'].sum()) + len(batch['images']) * (raw_model.num_visual_tokens - 1)
+        micro_tokens = int(batch['attention_mask'].sum()) + len(batch['images']) * (raw_model.num_visual_tokens - 1)
+        tokens_seen += micro_tokens
         last = i == gradient_accumulation_steps - 1
         sync = nullcontext() if last or not distributed or parallel == 'fsdp' else model.no_sync()
+        inputs = dict(input_ids=batch['input_ids'].to(device), attention_mask=batch['attention_mask'].to(device),
+                      labels=batch['labels'].to(device), images=batch['images'].to(device),
+                      num_target_tokens=targets_per_micro_batch, with_stats=True)
         with sync, autocast:
-            out = model(batch['input_ids'].to(device), batch['attention_mask'].to(device),
-                        batch['labels'].to(device), batch['images'].to(device), targets_per_micro_batch)
-            (out['loss'] / gradient_accumulation_steps).backward()
+            if flops_per_token is None:  # once: the same step, run under torch's FLOP counter
+                counted = count_flops(model, inputs, loss_scale=1 / gradient_accumulation_steps)
+                out, flops_per_token = counted['out'], counted['model'] / max(micro_tokens, 1)
+            else:
+                out = model(**inputs)
+                (out['loss'] / gradient_accumulation_steps).backward()
         parts += torch.stack([out['loss'].detach(), out['lm_loss'], out['balance_loss'], out['z_loss']]).float()
+        if out['stats']:  # empty when the micro-batch has no image
+            stat_sums += torch.cat([stats_vector(out['stats']), stat_sums.new_ones(1)])
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     optimizer.step()
@@ -352,13 +433,45 @@ for step in progress:
     history.append(lm_loss)
     if (step + 1) % log_interval == 0 or step == start_step:
         seconds = time.time() - tick
+        tokens_per_s, skipped = global_sum(tokens_seen) / seconds, int(global_sum(skipped_total))
+        flops_per_s = flops_per_token * tokens_per_s  # model FLOPs (no recompute), all processes together
+        mfu = flops_per_s / (device_peak_flops * world_size) if device_peak_flops else None
         log(f"step {step + 1}/{total_steps} loss {loss:.4f} lm {lm_loss:.4f} balance {balance_loss:.4f} "
-            f"z {z_loss:.4f} lr {lr_at(step):.2e} tok/s {global_sum(tokens_seen) / seconds:.0f} "
-            f"skipped {int(global_sum(skipped_total))}")
+            f"z {z_loss:.4f} lr {lr_at(step):.2e} tok/s {tokens_per_s:.0f} TFLOP/s {flops_per_s / 1e12:.3g} "
+            + (f"MFU {100 * mfu:.1f}% " if mfu is not None else '') + f"skipped {skipped}")
+        if distributed:
+            dist.all_reduce(stat_sums)
+        inside = stats_record(stat_sums[:-1] / stat_sums[-1]) if stat_sums[-1] > 0 else {}
+        record = dict(step=step + 1, lr=lr_at(step), loss=loss, lm_loss=lm_loss, balance_loss=balance_loss,
+                      z_loss=z_loss, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,
+                      flops_per_s=flops_per_s, mfu=mfu, skipped=skipped, collapsed=[], **inside)
+        if inside:
+            log('  experts ' + ' | '.join(f"{name} {' '.join(f'{u:.2f}' for u in s['usage'])} (entropy {s['entropy']:.2f})"
+                                          for name, s in inside['moec'].items())
+                + (' | HGA gate {gate:.2f} intra {intra_weight:.2f} inter {inter_weight:.2f}'.format(**inside['hga'])
+                   if with_hga else ''))
+        # an expert the router has stopped choosing: below collapse_fraction of 1/E over collapse_window log steps
+        for name, s in inside.get('moec', {}).items():
+            usage_window[name].append(s['usage'])
+            collapsed = collapsed_experts(usage_window[name], collapse_fraction) if len(usage_window[name]) == collapse_window else []
+            record['collapsed'] += [f'{name}.{e}' for e in collapsed]
+            for e in collapsed:
+                if (name, e) not in warned:
+                    share = sum(u[e] for u in usage_window[name]) / collapse_window
+                    log(f"WARNING: expert collapse: the {name} MoEC sent {100 * share:.2f}% of its routed tokens to "
+                        f"expert {e} over the last {collapse_window} log steps (fair share {100 / experts_per_moec:.1f}%, "
+                        f"warned below {collapse_fraction:g} of it)")
+            warned = {(n, e) for n, e in warned if n != name} | {(name, e) for e in collapsed}  # warn again after a recovery
+        write_metrics(record)
         tick, tokens_seen = time.time(), 0
+        stat_sums.zero_()
     if master:
         progress.set_postfix(loss=f'{loss:.3f}')
     done = step + 1 == total_steps or step + 1 == stop_at_step
+    if val_indices and eval_interval and ((step + 1) % eval_interval == 0 or done):
+        val_loss = estimate_val_loss()
+        log(f"step {step + 1}/{total_steps} val lm {val_loss:.4f} (held-out: {len(val_indices)} samples of {data_json})")
+        write_metrics(dict(step=step + 1, val_loss=val_loss))
     if (step + 1) % save_interval == 0 or done:
         save_checkpoint(step + 1, skipped_total)
     if done:

@@ -17,4 +17,9 @@ max_length = 2560
 dtype = 'bfloat16'
 gradient_checkpointing = True
 save_interval = 1000
-# A plain DDP replica of Phi-2 with AdamW fits 80 GB; on 48 GB cards shard it: parallel = 'fsdp'
+# Memory per GPU, traced by `python bench.py --table=memory` (one step at these settings, 8 GPUs):
+# a DDP replica peaks at 72.8 GiB (float32 weights 17.5, gradients 10.9, AdamW 21.8), over 90 % of an
+# 80 GB card, so FSDP is the default: 28.8 GiB, fits 8x80 and 8x48 GB. DDP fits 80 GB at
+# batch_size = 2, gradient_accumulation_steps = 2 (63.7 GiB; global batch still 32).
+# 8x24 GB: FSDP with batch_size = 1, gradient_accumulation_steps = 4 (19.8 GiB).
+parallel = 'fsdp'

@@ -1,5 +1,8 @@
-# Stage 2 of MoCHA-Vicuna7B. A DDP replica of a 7B model with AdamW does not fit 48 GB (SPEC §7):
-# FSDP shards parameters, gradients and optimizer state across the 8 GPUs.
+# Stage 2 of MoCHA-Vicuna7B. Memory per GPU, traced by `python bench.py --table=memory` (8 GPUs):
+# a DDP replica of the 7B model with AdamW needs 169 GiB; FSDP shards parameters, gradients and
+# optimizer state across the 8 GPUs and peaks at 71.2 GiB at batch_size 4: fits 8x80 GB, tightly.
+# 8x48 GB and 8x24 GB: no traced setting fits (FSDP at batch_size = 1, gradient_accumulation_steps = 4
+# still peaks at 48.5 GiB, activations 34.5 of it).
 exec(open('config/stage2.py').read())
 out_dir = 'out/mocha-vicuna7b-stage2'
 init_from = 'out/mocha-vicuna7b-stage1/ckpt'
