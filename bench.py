@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mocha import (ENCODER_ORDER, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, Encoders, MoCHA, MoCHAConfig, MoEC,
-                   build_llm, register_cpu_attention_flops)
+                   build_llm, count_flops, register_cpu_attention_flops)
 from released import released_hga, released_moec
 
 # -----------------------------------------------------------------------------
@@ -200,7 +200,6 @@ def trace_step(cfg, parallel, autocast_cache=True, checkpointing=True):
     from torch._subclasses import fake_tensor
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.utils.flop_counter import FlopCounterMode
     with torch.device('meta'):
         model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=cfg['llm'],
                                   num_experts=cfg['num_experts'], top_k=cfg['top_k'],
@@ -258,20 +257,19 @@ def trace_step(cfg, parallel, autocast_cache=True, checkpointing=True):
             tracker.track_inputs(tuple(batch.values()))
         else:
             tracker.track_external(model, optimizer, *batch.values())
-        counter = FlopCounterMode(display=False)
-        with tracker, counter:
+        with tracker:
             with torch.autocast('cpu', dtype=torch.bfloat16, cache_enabled=autocast_cache):
-                model(**batch)['loss'].backward()
+                counted = count_flops(model, batch)  # the count train.py's FLOP/s and MFU come from
             after_backward = tracker.get_tracker_snapshot('current')
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_flop_counts()
+    flops = counted['by_module']
     # the LLM's share, read from its decoder layers and head: the module tracker files part of HGA's
     # backward (which runs after the LLM's) under the LLM module itself
     llm_parts = [name for name in flops if name == 'MoCHA.llm.lm_head'
                  or (name.startswith('MoCHA.llm.model.layers.') and name.count('.') == 4)]
-    result = dict(flops=counter.get_total_flops(), llm_flops=sum(sum(flops[n].values()) for n in llm_parts),
+    result = dict(flops=counted['hardware'], llm_flops=sum(sum(flops[n].values()) for n in llm_parts),
                   trainable_bytes=trainable_bytes)
     (now,), (peak,) = after_backward.values(), tracker.get_tracker_snapshot('peak').values()
     pick = lambda snap, *keys: sum(snap.get(k, 0) for k in keys)

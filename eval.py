@@ -6,6 +6,7 @@ scored with the official rules of POPE, GQA and MME (their own evaluation script
     python eval.py config/eval_pope.py --ckpt_dir=out/mocha-phi2-stage2/ckpt   # real POPE (also eval_gqa.py, eval_mme.py)
     torchrun --standalone --nproc_per_node=8 eval.py config/eval_gqa.py --ckpt_dir=out/mocha-phi2-stage2/ckpt
     python eval.py --ckpt_dir=out/shapes/ckpt --image=data/shapes/images/000000.png --question="What shape is this?"
+    python eval.py --ckpt_dir=out/shapes/ckpt --image=data/shapes/images/000000.png --explain=explain.png
 
 The scorers re-implement, without copying, what LLaVA runs:
 - answering: llava/eval/model_vqa_loader.py ("<image>\n" + question, greedy, answers jsonl);
@@ -20,6 +21,7 @@ counted. Every accuracy-like number is a percentage; MME scores are points.
 """
 import glob
 import json
+import math
 import os
 from collections import defaultdict
 from contextlib import nullcontext
@@ -287,9 +289,10 @@ def score_mme(answers, mme_root):
 # answering: batched greedy decoding, sharded over torchrun ranks, resumable
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts, images, max_new_tokens):
+def generate_answers(model, tokenizer, prompts, images, max_new_tokens, stats=None):
     """Greedy answers (stripped strings) to a batch of prompts (lists of token ids), left-padded for batched generation.
-    images: one uint8 [3, S, S] per prompt holding the <image> placeholder, in batch order."""
+    images: one uint8 [3, S, S] per prompt holding the <image> placeholder, in batch order.
+    stats: None, or a dict that gets the images' routing and HGA statistics (MoCHA.generate)."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else eos_id  # Phi-2's tokenizer has no pad token
     if pad_id is None:
@@ -303,7 +306,7 @@ def generate_answers(model, tokenizer, prompts, images, max_new_tokens):
         attention_mask[row, longest - len(prompt):] = 1
     image_batch = torch.stack(images).to(device) if images else None  # (n_img, 3, S, S)
     new_ids = model.generate(input_ids.to(device), attention_mask.to(device), image_batch,
-                             max_new_tokens=max_new_tokens)  # (B, T_new), eos/pad after the end
+                             max_new_tokens=max_new_tokens, stats=stats)  # (B, T_new), eos/pad after the end
     answers = []
     for ids in new_ids.tolist():
         ends = [ids.index(t) for t in (eos_id, pad_id) if t is not None and t in ids]
@@ -317,7 +320,7 @@ def image_path(question, image_folder, question_file):
     return path
 
 def answer_questions(model, tokenizer, question_file, image_folder, answers_file, template=None,
-                     batch_size=8, max_new_tokens=128, image_size=None, model_id='nanomocha'):
+                     batch_size=8, max_new_tokens=128, image_size=None, model_id='nanomocha', routing=None):
     """Answer a LLaVA question jsonl ({question_id, image?, text}) into a LLaVA answers jsonl
     ({question_id, prompt, text, answer_id, model_id, metadata}), in question order.
     Resumable: questions already answered in answers_file (or in shard files left by an interrupted run)
@@ -325,7 +328,8 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     remaining batch into answers_file.rank{r}; after a barrier rank 0 appends them in question order
     and deletes the shards. Ranks share out whole batches, so every batch (its padding included) is the
     same for any number of ranks, and answer_id is the question's line index: runs with any number of
-    ranks write the same file. template / image_size default to the model's config."""
+    ranks write the same file. template / image_size default to the model's config.
+    routing: None, or expert_usage_sums(model), to which each batch's routing statistics are added."""
     template = template or model.config.template
     image_size = image_size or model.config.image_size
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -356,7 +360,11 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
                     images.append(data.load_image(image_path(question, image_folder, question_file), image_size))
                     text = text if '<image>' in text else '<image>\n' + text
                 prompts.append(data.build_prompt(text, tokenizer, template))
-            texts = generate_answers(model, tokenizer, prompts, images, max_new_tokens)
+            stats = {} if routing is not None else None
+            texts = generate_answers(model, tokenizer, prompts, images, max_new_tokens, stats)
+            if stats:  # the generation's first forward: every image of the batch, routed once
+                routing['sums'] += torch.stack([stats[name]['usage'].float().cpu() for name in model.moecs]) * len(images)
+                routing['images'] += len(images)
             for (index, question), text in zip(batch, texts):
                 record = dict(question_id=question['question_id'], prompt=question['text'], text=text,
                               answer_id=index, model_id=model_id, metadata={})
@@ -402,6 +410,31 @@ def score_benchmark(benchmark, answers, files):
         return score_gqa(answers, files['questions_json'])
     return score_mme(answers, files['mme_root'])
 
+def expert_usage_sums(model):
+    """What answer_questions adds up: per MoEC, each expert's share of the routed tokens times the images
+    (None for a model without MoECs)."""
+    if not getattr(model, 'moecs', None):
+        return None
+    num_experts = len(next(iter(model.moecs.values())).experts)
+    return dict(sums=torch.zeros(len(model.moecs), num_experts), images=0)
+
+def expert_usage(model, routing):
+    """results.json's routing summary of a benchmark: per MoEC, the share of its routed tokens (top-k
+    assignments) each expert got over the images answered in this run (a resumed run: the new ones only),
+    summed over the ranks. Lets POPE's routing be compared with MME's, say."""
+    if routing is None:
+        return {}
+    totals = torch.cat([routing['sums'].flatten(), torch.tensor([float(routing['images'])])])
+    if dist.is_initialized():
+        device = next(model.parameters()).device
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    images = int(totals[-1])
+    shares = (totals[:-1] / max(images, 1)).view_as(routing['sums'])
+    return dict(expert_usage={name: shares[i].tolist() for i, name in enumerate(model.moecs)} if images else None,
+                expert_usage_images=images)
+
 def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_new_tokens, model_id='nanomocha'):
     """Answer files['question_file'] into out_dir/{benchmark}_answers.jsonl and score it (rank 0; None elsewhere)."""
     if benchmark not in BENCHMARK_FILES:
@@ -410,12 +443,14 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
         if not files.get(name) or not os.path.exists(files[name]):
             raise FileNotFoundError(f"{benchmark}: {name} {files.get(name)!r} does not exist")
     answers_file = os.path.join(out_dir, f'{benchmark}_answers.jsonl')
+    routing = expert_usage_sums(model)
     answer_questions(model, tokenizer, files['question_file'], files['image_folder'], answers_file,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id)
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id, routing=routing)
+    usage = expert_usage(model, routing)  # every rank takes part in its all-reduce
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     answers = read_jsonl(answers_file)
-    results = score_benchmark(benchmark, answers, files)
+    results = dict(score_benchmark(benchmark, answers, files), **usage)
     if benchmark == 'gqa':  # the inputs of the official scorers, to check these numbers with them
         write_gqa_predictions(answers, files['questions_json'], out_dir)
     elif benchmark == 'mme':
@@ -528,6 +563,68 @@ def results_table(results):
     return '\n'.join(lines)
 
 # -----------------------------------------------------------------------------
+# one image explained: which expert took each patch, and which patches HGA linked across encoders
+
+def explain_answer(model, tokenizer, question, picture, path, max_new_tokens=128, num_edges=12):
+    """Answers `question` about one image (uint8 [3, S, S]) and draws what the connectors did with it into the
+    PNG `path`: one panel per MoEC with each patch tinted by its top-1 expert, then a panel with the
+    num_edges strongest HGA inter-group edges (a line from a token's patch centre to its neighbour's, in
+    the colours of their two encoders), the mean HGA gate in its title. Returns the answer."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    prompt = data.build_prompt('<image>\n' + question, tokenizer, model.config.template)
+    stats = {}
+    answer = generate_answers(model, tokenizer, [prompt], [picture], max_new_tokens, stats)[0]
+    names, sizes, S = list(model.moecs), model.group_sizes, picture.shape[-1]
+    num_experts = len(next(iter(model.moecs.values())).experts)
+    expert_colours = plt.get_cmap('tab10').colors[:num_experts]
+    group_colours = plt.get_cmap('Set1').colors
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 4.6), dpi=100)
+    image = picture.permute(1, 2, 0).cpu().numpy()
+    for ax, name in zip(axes, names):
+        top1 = stats[name]['top1'][0].cpu()                                  # [N_g], expert of each patch
+        side = math.isqrt(top1.numel())
+        ax.imshow(image)
+        ax.imshow(top1.view(side, side).numpy(), cmap=matplotlib.colors.ListedColormap(expert_colours),
+                  vmin=-0.5, vmax=num_experts - 0.5, alpha=0.5, extent=(-0.5, S - 0.5, S - 0.5, -0.5), interpolation='nearest')
+        ax.set_title(f'{name}: top-1 expert')
+    axes[0].legend(handles=[Patch(color=c, label=f'expert {e}') for e, c in enumerate(expert_colours)],
+                   loc='lower left', fontsize='x-small')
+    ax = axes[-1]
+    ax.imshow(image)
+    if 'hga' in stats:
+        # token -> (its group, the centre of its patch in image pixels), each group's grid stretched over the image
+        offsets = [sum(sizes[:g]) for g in range(len(sizes))]
+        def where(token):
+            g = max(i for i, offset in enumerate(offsets) if offset <= token)
+            side = math.isqrt(sizes[g])
+            row, col = divmod(token - offsets[g], side)
+            return g, ((col + 0.5) * S / side - 0.5, (row + 0.5) * S / side - 0.5)  # imshow's pixel centres
+        weights = stats['hga']['inter_edge_weights'][0].cpu()                  # [N, k_inter], 0 where not kept
+        targets = stats['hga']['inter_edge_targets'][0].cpu()
+        strongest = weights.flatten().topk(min(num_edges, weights.numel()))
+        for weight, flat in zip(strongest.values.tolist(), strongest.indices.tolist()):
+            if weight <= 0:
+                break
+            (g_src, (x0, y0)), (g_dst, (x1, y1)) = where(flat // weights.shape[1]), where(int(targets.flatten()[flat]))
+            ax.plot([x0, x1], [y0, y1], '-', color=group_colours[g_dst], lw=0.5 + 2.5 * weight, alpha=0.8)
+            ax.plot([x0], [y0], 'o', color=group_colours[g_src], ms=5)
+        ax.legend(handles=[Patch(color=group_colours[g], label=n) for g, n in enumerate(names)],
+                  loc='lower left', fontsize='x-small', title='dot: from, line: to', title_fontsize='x-small')
+        ax.set_title(f"HGA inter-group edges, mean gate {stats['hga']['gate'].item():.2f}")
+    else:
+        ax.set_title('HGA off')
+    for ax in axes:
+        ax.axis('off')
+    fig.suptitle(f'Q: {question}   A: {answer}', fontsize='medium')
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return answer
+
+# -----------------------------------------------------------------------------
 # the command line (nanoGPT style: module globals, overridden by config/eval_*.py and --key=value)
 
 if __name__ == '__main__':
@@ -545,6 +642,7 @@ if __name__ == '__main__':
     # single-image mode: print the answer to one question about one image
     image = ''
     question = 'What is in the image?'
+    explain = ''  # a PNG path: also draw each patch's top-1 expert per encoder and HGA's strongest cross-encoder edges
     template = ''  # '' = the template the checkpoint was trained with (its config.json); set only to compare
     # decoding
     batch_size = 16
@@ -580,9 +678,13 @@ if __name__ == '__main__':
     with ctx:
         if image:
             if master_process:
-                prompt = data.build_prompt('<image>\n' + question, tokenizer, model.config.template)
                 picture = data.load_image(image, model.config.image_size)
-                print(generate_answers(model, tokenizer, [prompt], [picture], max_new_tokens)[0])
+                if explain:
+                    print(explain_answer(model, tokenizer, question, picture, explain, max_new_tokens))
+                    print(f"wrote {explain}")
+                else:
+                    prompt = data.build_prompt('<image>\n' + question, tokenizer, model.config.template)
+                    print(generate_answers(model, tokenizer, [prompt], [picture], max_new_tokens)[0])
         elif benchmark == 'shapes':
             evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size, max_new_tokens, model_id)
         else:

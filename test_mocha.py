@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import data
@@ -519,28 +519,11 @@ def bpe_tokenizer():
 
 
 @pytest.fixture(scope='module')
-def llama_tokenizers(tmp_path_factory):
-    """Llama-2 / Vicuna style, made the way Meta's is: a SentencePiece BPE model trained with byte fallback
-    and the dummy prefix, saved as a Llama folder with only tokenizer.model, loaded by AutoTokenizer.
-    {True: legacy, False: not legacy}: the two settings in the wild, which differ on the word after </s>."""
-    import io
-    import sentencepiece
-    model = io.BytesIO()
-    corpus = CORPUS + ['The café serves 12 cakes.', 'Yes, it is red!', 'What is shown here?', 'A photo of two dogs.']
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus * 5), model_writer=model, vocab_size=600, model_type='bpe',
-        byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
-        character_coverage=1.0, normalization_rule_name='identity', unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2)
-    tokenizers = {}
-    for legacy in (True, False):
-        folder = tmp_path_factory.mktemp(f'llama_legacy_{legacy}')
-        (folder / 'tokenizer.model').write_bytes(model.getvalue())
-        (folder / 'tokenizer_config.json').write_text(json.dumps(dict(
-            tokenizer_class='LlamaTokenizer', bos_token='<s>', eos_token='</s>', unk_token='<unk>',
-            add_bos_token=True, add_eos_token=False, legacy=legacy)))
-        tokenizers[legacy] = AutoTokenizer.from_pretrained(str(folder))
-        assert tokenizers[legacy].legacy == legacy
+def llama_tokenizers(sp_llama_dir):
+    """{legacy: tokenizer} for the Llama-style folder below, with `legacy` True and False: the two
+    settings in the wild, which differ on the word after </s>."""
+    tokenizers = {legacy: AutoTokenizer.from_pretrained(sp_llama_dir(legacy)) for legacy in (True, False)}
+    assert [tokenizers[legacy].legacy for legacy in (True, False)] == [True, False]
     return tokenizers
 
 
@@ -1421,7 +1404,7 @@ class FakeMoCHA(torch.nn.Module):
         self.eos_id = tokenizer.eos_token_id
         self.rows_answered = 0
 
-    def generate(self, input_ids, attention_mask, images, max_new_tokens):
+    def generate(self, input_ids, attention_mask, images, max_new_tokens, stats=None):
         assert not self.training
         for mask in attention_mask:  # left padding: 0..0 1..1
             assert torch.equal(mask, torch.sort(mask).values) and mask[-1] == 1
@@ -1713,6 +1696,9 @@ def test_stage1_trains_only_moecs_and_stage2_starts_from_them(small_shapes, tmp_
     assert results['pope']['num_missing'] == results['gqa']['num_missing'] == results['mme']['num_missing'] == 0
     assert 0 <= results['gqa']['accuracy'] <= 100 and 0 <= results['pope']['f1_avg'] <= 100
     assert results['mme']['perception'] is not None
+    for benchmark in ('pope', 'gqa', 'mme'):  # each benchmark's routing: per MoEC, expert shares summing to 1
+        assert set(results[benchmark]['expert_usage']) == set(ENCODER_ORDER) and results[benchmark]['expert_usage_images'] > 0
+        assert all(sum(u) == pytest.approx(1) for u in results[benchmark]['expert_usage'].values())
     assert_all_changed(parts(stage2, 'llm.model.layers.0.'), parts(stage1, 'llm.model.layers.0.'))
     assert not torch.equal(stage2['moecs.siglip.gate.weight'], stage1['moecs.siglip.gate.weight'])
     assert_same(parts(stage2, 'encoders.'), parts(stage1, 'encoders.'))
@@ -1743,6 +1729,108 @@ def test_upcycling_from_a_one_expert_run_and_from_a_llava_projector(small_shapes
         for e in range(4):
             for layer in ('0.weight', '0.bias', '2.weight', '2.bias'):
                 assert torch.equal(upcycled[f'moecs.clip.experts.{e}.{layer}'], projector[f'model.mm_projector.{layer}'])
+
+
+# -----------------------------------------------------------------------------
+# looking inside a run: routing and HGA statistics, FLOPs, metrics.jsonl, plot.py, eval.py --explain
+
+
+def test_routing_statistics_and_the_collapse_check():
+    """MoEC's stats: shares of the top-k assignments (sum 1), router entropy, its losses; collapsed_experts
+    (train.py's WARNING) names the experts a router never picks and nobody on a balanced router. < 1 s."""
+    from mocha import collapsed_experts
+    torch.manual_seed(0)
+    moec = MoEC(8, 16, num_experts=4, top_k=2)
+    x = torch.randn(4, 64, 8)
+    stats = {}
+    _, balance, z = moec(x, stats)
+    probs = moec.gate(x).softmax(-1)
+    assert stats['usage'].sum().item() == pytest.approx(1) and stats['top1'].shape == (4, 64)
+    torch.testing.assert_close(stats['entropy'], -(probs * probs.log()).sum(-1).mean())
+    assert (stats['balance_loss'], stats['z_loss']) == (balance, z)
+    assert collapsed_experts([stats['usage'].tolist()] * 3, 0.1) == []          # a random router on random tokens
+    with torch.no_grad():  # one logit dominates, a second is next: on positive tokens experts 2 and 3 never win
+        moec.gate.weight.copy_(torch.tensor([10.0, 5.0, 0.0, 0.0])[:, None].expand(4, 8))
+    stats = {}
+    moec(x.abs(), stats)
+    assert stats['usage'].tolist() == [0.5, 0.5, 0.0, 0.0] and stats['top1'].eq(0).all()
+    assert collapsed_experts([stats['usage'].tolist()] * 3, 0.1) == [2, 3]
+    assert collapsed_experts([[0.5, 0.5, 0.0, 0.0], [0.4, 0.5, 0.08, 0.02]], 0.1) == [3]  # the window's mean counts
+    assert collapsed_experts([[0.5, 0.5, 0.0, 0.0], [0.25] * 4], 0.1) == [] and collapsed_experts([[1.0]], 0.1) == []
+
+
+def test_forward_stats_cover_every_moec_and_hga(tiny_mocha):
+    ids, mask = batch_of([[5, IMAGE_TOKEN_ID, 6, 7], [8, 9, 10, 11]])
+    with torch.no_grad():
+        stats = tiny_mocha(ids, mask, None, random_images(1), with_stats=True)['stats']
+        assert 'stats' not in tiny_mocha(ids, mask, None, random_images(1))
+        assert tiny_mocha(ids[1:], mask[1:], with_stats=True)['stats'] == {}   # no image, nothing routed
+    assert set(stats) == set(ENCODER_ORDER) | {'hga'}
+    for name, size in zip(ENCODER_ORDER, tiny_mocha.group_sizes):
+        assert stats[name]['usage'].sum().item() == pytest.approx(1) and stats[name]['top1'].shape == (1, size)
+    hga = stats['hga']
+    assert 0 < hga['gate'] < 1 and 0 <= hga['inter_weight'] <= 1 and 0 <= hga['intra_weight'] <= 1
+    assert not any(v.requires_grad for s in stats.values() for v in s.values())
+
+
+def test_model_flops_leave_out_the_checkpointing_recompute(tokenizer_dir):
+    """count_flops (train.py's FLOP/s and MFU, bench.py's table): with gradient checkpointing the hardware
+    count grows by the decoder layers' forward and the model count stays the same. ~2 s."""
+    from mocha import count_flops
+    torch.manual_seed(0)
+    model = MoCHA(tiny_config(tokenizer_dir)).train()
+    ids, mask = batch_of([[5, IMAGE_TOKEN_ID, 6, 7, 8]])
+    batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX),
+                 images=random_images(1))
+    plain = count_flops(model, batch)
+    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    checkpointed = count_flops(model, batch)
+    assert plain['model'] == plain['hardware'] == checkpointed['model'] < checkpointed['hardware']
+    layers = [name for name in checkpointed['by_module'] if re.search(r'llm\.model\.layers\.\d+$', name)]
+    assert len(layers) == 2 and checkpointed['out']['loss'].item() == pytest.approx(plain['out']['loss'].item())
+
+
+def test_metrics_plot_and_explain_from_a_short_run(small_shapes, tmp_path):
+    """A 4-step run with a held-out split writes metrics.jsonl (loss parts, speed, FLOPs, routing, HGA,
+    validation losses, the collapse check of train.py); plot.py and eval.py --explain draw it. ~30 s."""
+    from mocha import collapsed_experts
+    _, _, output = run_train(small_shapes, tmp_path, '--max_steps=4', '--val_fraction=0.25', '--eval_interval=2',
+                             '--collapse_window=2', '--stage=2', '--template=phi',
+                             f'--data_json={small_shapes}/instruct.json', with_output=True)
+    records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+    logs = [r for r in records if 'val_loss' not in r]
+    assert [r['step'] for r in logs] == [1, 2, 3, 4]
+    assert [r['step'] for r in records if 'val_loss' in r] == [2, 4]
+    assert all(math.isfinite(r['val_loss']) for r in records if 'val_loss' in r)
+    assert output.count('val lm') == 2
+    for r in logs:
+        assert {'lr', 'loss', 'lm_loss', 'balance_loss', 'z_loss', 'tokens_per_s', 'flops_per_s', 'mfu'} <= set(r)
+        assert r['flops_per_token'] > 0 and r['mfu'] is None                   # CPU: no known peak
+        assert set(r['moec']) == set(ENCODER_ORDER)
+        assert all(sum(m['usage']) == pytest.approx(1, abs=1e-5) and m['entropy'] > 0 for m in r['moec'].values())
+        assert 0 < r['hga']['gate'] < 1
+    # the collapse check is collapsed_experts over the last collapse_window log steps, warned about once
+    for i, r in enumerate(logs):
+        window = logs[max(i - 1, 0):i + 1]
+        expected = [f'{name}.{e}' for name in ENCODER_ORDER if len(window) == 2
+                    for e in collapsed_experts([w['moec'][name]['usage'] for w in window], 0.1)]
+        assert r['collapsed'] == expected
+    collapsed = {c for r in logs for c in r['collapsed']}
+    assert output.count('WARNING: expert collapse') >= len(collapsed)
+    for c in collapsed:
+        name, e = c.split('.')
+        assert f'the {name} MoEC sent' in output and f'to expert {e} over' in output
+
+    subprocess.run([sys.executable, 'plot.py', str(tmp_path)], check=True, capture_output=True, timeout=120)
+    for name in ('curves.png', 'experts.png'):
+        assert os.path.getsize(tmp_path / name) > 10_000 and Image.open(tmp_path / name).size == (1000, 600)
+    model = MoCHA.from_pretrained(str(tmp_path / 'ckpt')).eval()
+    picture = data.load_image(str(small_shapes / 'images' / '000000.png'), model.config.image_size)
+    answer = ev.explain_answer(model, model.tokenizer, 'What color is the circle?', picture,
+                               str(tmp_path / 'explain.png'), max_new_tokens=3)
+    assert isinstance(answer, str)
+    assert os.path.getsize(tmp_path / 'explain.png') > 10_000
+    assert Image.open(tmp_path / 'explain.png').size == (400 * 5, 460)      # four MoEC panels and HGA's
 
 
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_shapes, tmp_path):
@@ -1913,16 +2001,15 @@ def assert_full_size_encoders(model):
 def test_phi2_stage2_step_at_full_width_reaches_2560_positions(tokenizer_dir, tmp_path):
     """The path users pay for, config/stage2.py: MoECs + Phi-2 learn on a sample that fills max_length=2560
     once its image is spliced in; Phi-2 was trained on 2048 positions and takes the rest by extrapolating
-    its rotary angles. 24 s on 2 cores (69 s with other jobs running), 6 GB of memory."""
+    its rotary angles. 24-69 s on 2 cores (the more, the busier they were with other jobs), 6 GB of memory."""
     turns = human_gpt('<image>\nis there a red circle ?', 'yes') + human_gpt('what color is the circle ?', 'red') * 120
     model, batch, out, rotary, before = full_size_step(tmp_path, 'microsoft/phi-2', 2, 'phi', tokenizer_dir, turns,
                                                        learning_rate=2e-5)
     assert_full_size_encoders(model)
     assert len(model.llm.model.layers) == 1 and model.llm.config.hidden_size == 2560
     assert batch['input_ids'].shape == (1, 2560 - 1692)                  # cut to fit, the placeholder kept
-    assert out['logits'] == (1, 2560, 4096)
-    assert all(math.isfinite(out[k].item()) for k in ('lm_loss', 'balance_loss', 'z_loss'))
-    assert math.isfinite(out['loss'].item())
+    assert (batch['input_ids'] == IMAGE_TOKEN_ID).sum() == 1 and out['logits'] == (1, 2560, 4096)
+    assert all(math.isfinite(out[k].item()) for k in ('loss', 'lm_loss', 'balance_loss', 'z_loss'))
     # positions 2048-2559: rotary angles computed for them (extrapolated), not clamped to 2047
     (position_ids, cos), = rotary
     assert position_ids.max() == 2559 and model.llm.config.max_position_embeddings == 2048
@@ -1939,10 +2026,10 @@ def test_phi2_stage2_step_at_full_width_reaches_2560_positions(tokenizer_dir, tm
 
 def test_vicuna_stage1_step_at_full_width_trains_only_the_moecs(sp_llama_dir, tmp_path):
     """config/stage1_vicuna7b.py: the MoECs (1024 -> 4096) learn through a frozen Vicuna-width LLM, on an
-    image and a caption as LCS-558K has them (plain template, ~1.7k positions), read by a Llama-style
-    SentencePiece tokenizer. 57 s on 2 cores (82 s with other jobs running), 8 GB of memory: the 4096-wide
-    layer over ~1.8k positions, run twice (gradient checkpointing), and AdamW over 336M connector weights."""
-    caption = 'a large red circle at the top left and a small square next to it , ' * 3
+    image and a caption as LCS-558K has them (plain template, ~1.75k positions), read by a Llama-style
+    SentencePiece tokenizer. 41-82 s on 2 cores (the more, the busier), 8 GB of memory: the 4096-wide
+    layer over ~1.75k positions, run twice (gradient checkpointing), and AdamW over 336M connector weights."""
+    caption = 'a large red circle at the top left and a small blue square next to it'
     model, batch, out, rotary, before = full_size_step(tmp_path, 'lmsys/vicuna-7b-v1.5', 1, 'plain', sp_llama_dir(),
                                                        human_gpt('<image>\nDescribe the image.', caption),
                                                        learning_rate=1e-3)
@@ -1951,7 +2038,8 @@ def test_vicuna_stage1_step_at_full_width_trains_only_the_moecs(sp_llama_dir, tm
     assert all(moec.experts[0][2].out_features == 4096 for moec in model.moecs.values())
     length = batch['input_ids'].shape[1] + 1692
     assert batch['input_ids'][0, :2].tolist() == [1, IMAGE_TOKEN_ID] and out['logits'] == (1, length, 4096)
-    assert all(math.isfinite(float(out[k])) for k in ('loss', 'lm_loss', 'balance_loss', 'z_loss'))
+    assert 1700 < length < 1800                                              # <s>, 1693 visual tokens, caption
+    assert all(math.isfinite(out[k].item()) for k in ('loss', 'lm_loss', 'balance_loss', 'z_loss'))
     for name, p in model.moecs.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert all(p.grad is None and not p.requires_grad for p in model.llm.parameters())

@@ -150,6 +150,15 @@ model_config = MoCHAConfig(
     num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter,
     llm=llm, llm_source=llm_source, tokenizer=tokenizer or None, template=template)
 
+def warn_past_trained_positions(llm_config):
+    trained_positions = getattr(llm_config, 'max_position_embeddings', None)
+    if trained_positions and max_length > trained_positions:
+        # the released MoCHA scripts train Phi-2 (2048 positions) at 2560 so that 1693 visual tokens leave room
+        log(f"WARNING: max_length={max_length} is past the {trained_positions} positions {llm} was trained on "
+            f"(max_position_embeddings): positions {trained_positions}-{max_length - 1} get rotary angles it never "
+            f"saw (extrapolated, not clamped)")
+
+
 if dry_run:  # the data as the model will get it; the architecture is built on the meta device, no weights
     from transformers import AutoTokenizer
     with torch.device('meta'):
@@ -157,6 +166,7 @@ if dry_run:  # the data as the model will get it; the architecture is built on t
             model_config, tokenizer=None if llm_source == 'pretrained' else model_config.tokenizer,
             **{k: 'random' for k in ('encoder_source', 'llm_source') if getattr(model_config, k) == 'pretrained'}))
     dry_tokenizer = AutoTokenizer.from_pretrained(tokenizer or llm)
+    warn_past_trained_positions(shape_only.llm.config)
     problems = dry_run_report(LLaVADataset(data_json, image_folder, dry_tokenizer, template, image_size, max_length,
                                            shape_only.num_visual_tokens, on_bad_sample=on_bad_sample),
                               max_skipped_fraction=max_skipped_fraction)
@@ -199,12 +209,7 @@ tokenizer_ = model.tokenizer
 pad_id = tokenizer_.pad_token_id if tokenizer_.pad_token_id is not None else tokenizer_.eos_token_id
 log(f"stage {stage}: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable of "
     f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {model.num_visual_tokens} visual tokens")
-trained_positions = getattr(model.llm.config, 'max_position_embeddings', None)
-if trained_positions and max_length > trained_positions:
-    # the released MoCHA scripts train Phi-2 (2048 positions) at 2560 so that 1693 visual tokens leave room for text
-    log(f"WARNING: max_length={max_length} is past the {trained_positions} positions {model.config.llm} was trained "
-        f"on (max_position_embeddings): positions {trained_positions}-{max_length - 1} get rotary angles it never "
-        f"saw (extrapolated, not clamped)")
+warn_past_trained_positions(model.llm.config)
 
 dataset = LLaVADataset(data_json, image_folder, tokenizer_, template, image_size, max_length,
                        model.num_visual_tokens, on_bad_sample=on_bad_sample)
