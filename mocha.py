@@ -6,8 +6,8 @@ appended visual tokens, and a Hugging Face causal LM.
 References:
 1) the paper, "MoCHA: Advanced Vision-Language Reasoning with MoE Connector
    and Hierarchical Group Attention", arXiv 2507.22805 (equation numbers below);
-2) the authors' released code, where it disagrees with the paper
-   (../shared/SPEC.md says which one we follow and why);
+2) the authors' released code (github.com/Pbhgit/MoCHA), where it disagrees with the paper
+   (README, "Where we differ from the paper and the released code", says which one we follow and why);
 3) LLaVA-1.5, whose connector, data format and image splice MoCHA reuses.
 
     image ─┬─ SigLIP   ─► MoEC ─┐
@@ -30,7 +30,7 @@ IMAGE_TOKEN_ID = -200  # LLaVA's <image> placeholder inside input_ids: no real t
 IGNORE_INDEX = -100    # labels that the LM loss skips
 
 # -----------------------------------------------------------------------------
-# The four encoders as one table of facts (SPEC §2). Three ways to build each:
+# The four encoders as one table of facts (the paper's Table 9, the released encoders). Three ways to build each:
 #   'pretrained': public weights by id, or a local dir/file holding them;
 #   'random':     the full-size architecture with random weights, no network;
 #   'tiny':       a small model of the same family (tests, the shapes world).
@@ -98,7 +98,7 @@ class MoCHAConfig:
     encoder_source: str = 'pretrained'     # 'pretrained' | 'random' | 'tiny'
     encoder_paths: dict = field(default_factory=dict)  # name -> HF id / local dir / open_clip tag or file
     encoder_resolution: dict = field(default_factory=lambda: {n: 336 for n in ENCODER_ORDER})
-    feature_layer: int = -2                # penultimate layer of the ViTs (SPEC §2)
+    feature_layer: int = -2                # penultimate layer of the ViTs (ConvNeXt: its last stage)
     image_size: int = 336                  # the one square resolution the data pipeline produces
     train_encoders: bool = False           # the shapes world's knob: its tiny encoders have no pretrained weights
     fusion: str = 'sequence'               # 'sequence' (Eq. 6) | 'channel' (the ablation)

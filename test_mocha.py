@@ -175,7 +175,7 @@ def test_full_size_architectures_build_offline_with_paper_shapes():
         encoders = Encoders(ENCODER_ORDER, 'random')
         phi2 = build_llm('microsoft/phi-2', 'random')
         vicuna = build_llm('lmsys/vicuna-7b-v1.5', 'random')
-    assert encoders.group_sizes == [441, 100, 576, 576]                   # 1693 tokens at 336 px (SPEC §2)
+    assert encoders.group_sizes == [441, 100, 576, 576]                   # 1693 tokens at 336 px
     assert encoders.dims == [1024, 1024, 1024, 1024]
     counts = {n: sum(p.numel() for p in e.parameters()) for n, e in encoders.encoders.items()}
     assert 300e6 < counts['siglip'] < 330e6 and 300e6 < counts['clip'] < 310e6
@@ -867,7 +867,7 @@ def test_load_image_errors_name_the_path(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# LLaVADataset, bad samples, truncation, collate (SPEC §9)
+# LLaVADataset, bad samples, truncation, collate
 
 def human_gpt(question, answer):
     return [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': answer}]
