@@ -1540,7 +1540,8 @@ def run_train(shapes, out_dir, *overrides, nproc=1, with_output=False):
     args = ['config/shapes.py', f'--out_dir={out_dir}', f'--data_json={shapes}/pretrain.json',
             f'--image_folder={shapes}/images', f'--tokenizer={shapes}/tokenizer', '--prepare_shapes_data=False',
             '--eval_shapes_at_end=False', '--num_workers=0', '--batch_size=4', '--max_steps=3',
-            '--log_interval=1', '--train_encoders=False', '--template=plain', '--stage=1', *overrides]
+            '--log_interval=1', '--train_encoders=False', '--template=plain', '--stage=1', '--val_fraction=0.0',
+            *overrides]
     if nproc == 1:
         command = [sys.executable, 'train.py', *args]
     else:

@@ -7,7 +7,8 @@ Trains MoCHA, both stages (the paper's Table 8 and the released scripts), on one
 
 DDP by default (NCCL on GPU, gloo on CPU); parallel='fsdp' shards the model with PyTorch FSDP
 (fully_shard); what fits which cards: `python bench.py --table=memory`. Checkpoints go to out_dir/ckpt atomically and
-init_from='resume' continues a run exactly where it stopped.
+init_from='resume' continues a run exactly where it stopped. Every log step appends the loss parts,
+speed, FLOP/s, MFU, expert usage and HGA statistics to out_dir/metrics.jsonl (`python plot.py out/shapes`).
 """
 import collections
 import dataclasses
@@ -474,7 +475,9 @@ for step in progress:
         progress.set_postfix(loss=f'{loss:.3f}')
     done = step + 1 == total_steps or step + 1 == stop_at_step
     if val_indices and eval_interval and ((step + 1) % eval_interval == 0 or done):
+        eval_start = time.time()
         val_loss = estimate_val_loss()
+        tick += time.time() - eval_start  # the next tokens/s counts training time only
         log(f"step {step + 1}/{total_steps} val lm {val_loss:.4f} (held-out: {len(val_indices)} samples of {data_json})")
         write_metrics(dict(step=step + 1, val_loss=val_loss))
     if (step + 1) % save_interval == 0 or done:
