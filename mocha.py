@@ -18,6 +18,7 @@ References:
 import json
 import math
 import os
+from collections import namedtuple
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -153,6 +154,29 @@ def build_backbone(name, source, path=None, num_layers=0):
     return open_clip.CLIP(**model_cfg).visual.trunk  # only the timm trunk is kept
 
 
+def build_llm(name, source, vocab_size=None, num_layers=0):
+    """num_layers > 0 ('random'/'tiny' only): the same widths and vocabulary, that many decoder layers."""
+    import transformers
+    if num_layers and source == 'pretrained':
+        raise ValueError(f"num_layers={num_layers} cuts randomly built LLMs only, not pretrained {name}")
+    if source == 'pretrained':
+        # float32 master weights whatever the checkpoint holds: transformers 5 would otherwise load Phi-2 and
+        # Vicuna in their stored float16, and AdamW would update float16 weights (bf16 is autocast's job)
+        return transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    if source == 'random':
+        if name not in LLM_SPECS:
+            raise ValueError(f"no offline architecture for {name!r}; known: {list(LLM_SPECS)}")
+        config_name, config_kwargs = LLM_SPECS[name]
+    elif source == 'tiny':
+        config_name, config_kwargs = TINY_LLM
+        config_kwargs = dict(config_kwargs, vocab_size=vocab_size)
+    else:
+        raise ValueError(f"llm source must be 'pretrained', 'random' or 'tiny', got {source!r}")
+    if num_layers:
+        config_kwargs = dict(config_kwargs, num_hidden_layers=num_layers)
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**config_kwargs))
+
+
 class Encoder(nn.Module):
     """One vision encoder: own resize + normalisation, features of one layer, [B, N_g, d_enc] out."""
 
@@ -163,7 +187,8 @@ class Encoder(nn.Module):
         self.backbone = build_backbone(name, source, path, num_layers)
         self.register_buffer('mean', torch.tensor(spec['mean']).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(spec['std']).view(1, 3, 1, 1), persistent=False)
-        if spec['library'] == 'open_clip':
+        self.is_convnet = spec['library'] == 'open_clip'  # a feature map, not a ViT's token sequence
+        if self.is_convnet:
             self.channel_pool = spec['tiny_channel_pool'] if source == 'tiny' else spec['channel_pool']
             self.num_tokens = (resolution // spec['stride']) ** 2
             self.dim = self.backbone.num_features // self.channel_pool
@@ -180,7 +205,7 @@ class Encoder(nn.Module):
         pixels = F.interpolate(images, size=(self.resolution, self.resolution), mode='bicubic',
                                align_corners=False, antialias=True) if images.shape[-1] != self.resolution else images
         pixels = (pixels - self.mean) / self.std
-        if hasattr(self, 'channel_pool'):
+        if self.is_convnet:  # its last stage (the released ConvNeXt encoder's select_layer = -1)
             feature_map = self.backbone.forward_features(pixels)                  # [B, C, h, w]
             tokens = feature_map.flatten(2).transpose(1, 2)                      # [B, h*w, C]
             return F.avg_pool1d(tokens, self.channel_pool, self.channel_pool)    # [B, h*w, C/pool]
@@ -234,8 +259,8 @@ class Encoders(nn.Module):
 
 
 class MoEC(nn.Module):
-    """Top-k routed experts, each LLaVA's mlp2x_gelu: Linear -> GELU -> Linear.
-    State-dict layout as released: gate.weight, experts.{i}.0.*, experts.{i}.2.*"""
+    """Top-k routed experts, each the dense MLP block of Eq. 2 (LLaVA's mlp2x_gelu: Linear -> GELU ->
+    Linear). State-dict layout as released (moec_builder.py, MLPMoE): gate.weight, experts.{i}.0.*, experts.{i}.2.*"""
 
     def __init__(self, d_in, d_out, num_experts=4, top_k=2):
         super().__init__()
@@ -248,13 +273,13 @@ class MoEC(nn.Module):
     def forward(self, x, stats=None):  # x: [B, N, d_in]; stats: None, or a dict to fill (below)
         B, N, _ = x.shape
         E, k = len(self.experts), self.top_k
-        # Eq. 2: p = softmax(W_g x), in float32 so routing is the same under bf16 autocast
+        # Eq. 3: p = softmax(W_g x), in float32 so routing is the same under bf16 autocast
         router_logits = self.gate(x).float()                                  # [B, N, E]
         probs = router_logits.softmax(dim=-1)
-        # Eq. 3: keep the k largest p per token and renormalise them to sum to 1
+        # Eq. 4: keep the k largest p per token and renormalise them to sum to 1
         top_probs, top_experts = probs.topk(k, dim=-1)                        # [B, N, k]
         top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-        # Eq. 4: y = sum over the selected experts of p_hat_i * E_i(x). Each expert runs once,
+        # Eq. 5: y = sum over the selected experts of p_hat_i * E_i(x). Each expert runs once,
         # on exactly the tokens routed to it (the loop is over E experts, not over images/tokens).
         tokens = x.reshape(B * N, -1)                                         # [T, d_in]
         flat_experts, flat_probs = top_experts.reshape(B * N, k), top_probs.reshape(B * N, k)
@@ -265,8 +290,9 @@ class MoEC(nn.Module):
             if y is None:
                 y = expert_out.new_zeros(B * N, expert_out.shape[-1])
             y.index_add_(0, token_idx, expert_out.to(y.dtype))
-        # Eq. 5 (released losses): load balance E^2 * mean_{b,e}(P_be * f_be), per image b,
-        # with P = mean routing probability and f = fraction of tokens whose top-1 expert is e
+        # the auxiliary losses of Eq. 10, as the released MLPMoE.forward (moec_builder.py) computes them:
+        # load balance E^2 * mean_{b,e}(P_be * f_be), per image b, with P = mean routing probability and
+        # f = fraction of tokens whose top-1 expert is e (the release counts only the first of the k choices)
         mean_prob = probs.mean(dim=1)                                          # [B, E]
         top1_fraction = F.one_hot(top_experts[..., 0], E).float().mean(dim=1)  # [B, E]
         balance_loss = E * E * (mean_prob * top1_fraction).mean()
@@ -298,10 +324,15 @@ class MoEC(nn.Module):
 # HGA: hierarchical group attention (Eqs. 7-9), parameter-free
 
 
+Edges = namedtuple('Edges', 'similarity target kept')  # HGA's kept edges per token
+
+
 class HGA(nn.Module):
     """Each token attends to its k_intra most similar tokens of its own encoder group and its
     k_inter most similar tokens of the other groups; a gate mixes the result back in.
-    The whole batch at once: the released per-image, per-group loops become masked top-k."""
+    The whole batch at once: the released per-image, per-group loops (llava/model/hga.py) become masked
+    top-k. The defaults are the released call's k=10 split with cross_weight=0.7: int(0.7 * 10) = 7 intra,
+    3 inter. With channel fusion there is one group, so every edge is intra-group and none is inter."""
 
     def __init__(self, k_intra=7, k_inter=3, enabled=True):
         super().__init__()
@@ -331,10 +362,11 @@ class HGA(nn.Module):
                                (token_size - 1).clamp(max=self.k_intra))
         inter = self.top_edges(sim.masked_fill(same_group, float('-inf')),
                                (N - token_size).clamp(max=self.k_inter))
-        edge_sim = torch.cat([intra[0], inter[0]], dim=-1)                                         # [B, N, K]
-        edge_dst = torch.cat([intra[1], inter[1]], dim=-1)
-        edge_kept = torch.cat([intra[2], inter[2]], dim=-1)
-        # min-max normalise all kept edges of an image together: w = (s - min) / (max - min + 1e-8)
+        edge_sim = torch.cat([intra.similarity, inter.similarity], dim=-1)                         # [B, N, K]
+        edge_dst = torch.cat([intra.target, inter.target], dim=-1)
+        edge_kept = torch.cat([intra.kept, inter.kept], dim=-1)
+        # min-max normalise all kept edges of an image together: w = (s - min) / (max - min + 1e-8).
+        # As released, each image's weakest kept edge thus gets weight 0 and adds nothing.
         lowest = edge_sim.masked_fill(~edge_kept, float('inf')).amin(dim=(1, 2), keepdim=True)
         highest = edge_sim.masked_fill(~edge_kept, float('-inf')).amax(dim=(1, 2), keepdim=True)
         weights = torch.where(edge_kept, (edge_sim - lowest) / (highest - lowest + 1e-8), 0.0)
@@ -343,12 +375,13 @@ class HGA(nn.Module):
         adjacency = adjacency + adjacency.transpose(1, 2)
         # a_i = sum_j w_ij x_j / (sum_j w_ij + 1e-8)
         aggregated = adjacency @ x / (adjacency.sum(-1, keepdim=True) + 1e-8)                    # [B, N, D]
-        # Eq. 9: g_i = sigmoid(10 (mean_d |x_i - a_i| - 0.2)), z_i = (1 - g_i) x_i + g_i a_i
+        # Eq. 9: g_i = sigmoid(10 (mean_d |x_i - a_i| - 0.2)), z_i = (1 - g_i) x_i + g_i a_i; the paper
+        # gives no numbers, 10 and 0.2 are the released innovative_graph_propagation_v3's
         gate = torch.sigmoid(10 * ((x - aggregated).abs().mean(-1, keepdim=True) - 0.2))
         mixed = (1 - gate) * x + gate * aggregated
         if stats is not None:  # what train.py logs and eval.py draws: tensors, no graph, no host sync
             with torch.no_grad():
-                k_intra = intra[0].shape[-1]
+                k_intra = intra.similarity.shape[-1]
                 mean_kept = lambda w, kept: (w * kept).sum() / kept.sum().clamp(min=1)
                 stats.update(gate=gate.mean(), gate_per_token=gate[..., 0].detach(),         # [B, N]
                              intra_weight=mean_kept(weights[..., :k_intra], edge_kept[..., :k_intra]),
@@ -359,42 +392,42 @@ class HGA(nn.Module):
 
     @staticmethod
     def top_edges(masked_sim, k_per_token):
-        """Top-k similarities per token with a per-token k: the top max(k) and a mask of the ranks kept."""
+        """Top-k similarities per token with a per-token k: Edges(similarity, target, kept), each
+        [B, N, max(k)], kept masking the ranks past a token's own k."""
         k_max = max(int(k_per_token.max()), 1) if k_per_token.numel() else 1
         k_max = min(k_max, masked_sim.shape[-1])
         values, indices = masked_sim.topk(k_max, dim=-1)                                         # [B, N, k_max]
         kept = torch.arange(k_max, device=values.device) < k_per_token[:, None]                  # [N, k_max]
         kept = kept.expand_as(values)
-        return values.masked_fill(~kept, 0.0), indices, kept
+        return Edges(values.masked_fill(~kept, 0.0), indices, kept)
 
 # -----------------------------------------------------------------------------
 # MoCHA: encoders -> MoECs -> append -> HGA -> splice into the LLM
 
 
-def build_llm(name, source, vocab_size=None, num_layers=0):
-    """num_layers > 0 ('random'/'tiny' only): the same widths and vocabulary, that many decoder layers."""
-    import transformers
-    if num_layers and source == 'pretrained':
-        raise ValueError(f"num_layers={num_layers} cuts randomly built LLMs only, not pretrained {name}")
-    if source == 'pretrained':
-        # float32 master weights whatever the checkpoint holds: transformers 5 would otherwise load Phi-2 and
-        # Vicuna in their stored float16, and AdamW would update float16 weights (bf16 is autocast's job)
-        return transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-    if source == 'random':
-        if name not in LLM_SPECS:
-            raise ValueError(f"no offline architecture for {name!r}; known: {list(LLM_SPECS)}")
-        config_name, config_kwargs = LLM_SPECS[name]
-    elif source == 'tiny':
-        config_name, config_kwargs = TINY_LLM
-        config_kwargs = dict(config_kwargs, vocab_size=vocab_size)
-    else:
-        raise ValueError(f"llm source must be 'pretrained', 'random' or 'tiny', got {source!r}")
-    if num_layers:
-        config_kwargs = dict(config_kwargs, num_hidden_layers=num_layers)
-    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**config_kwargs))
+def resample_grid_and_concat(encoder_tokens, num_tokens):
+    """Channel-concatenation ablation: bilinearly resample each [B, h*w, C] grid to a common
+    square grid and concatenate the channels: [B, num_tokens, sum C]."""
+    side = math.isqrt(num_tokens)
+    grids = []
+    for tokens in encoder_tokens:
+        B, n, C = tokens.shape
+        h = math.isqrt(n)
+        grid = tokens.transpose(1, 2).reshape(B, C, h, h)
+        grid = F.interpolate(grid, size=(side, side), mode='bilinear', align_corners=False)
+        grids.append(grid.flatten(2).transpose(1, 2))
+    return torch.cat(grids, dim=-1)
 
 
 class MoCHA(nn.Module):
+    """The whole model (the paper's Figure 1): Encoders -> one MoEC per encoder -> append along the sequence
+    (Eq. 6) -> HGA (Eqs. 7-9) -> the visual tokens replace the <image> placeholder in the LLM's input
+    embeddings. forward returns the Eq. 10 loss and its parts; generate answers greedily with HF's
+    generate. Built from a MoCHAConfig; save_pretrained / from_pretrained keep only what cannot be
+    rebuilt from the config (trained or randomly initialised parts, and the tokenizer).
+    The image placeholder stays one token in the data and is expanded here (splice), as LLaVA does, so the
+    data pipeline never needs the model's visual-token count (expanding it in the dataset, as nanoVLM
+    does, would shorten splice to one masked assignment; not measured here)."""
 
     def __init__(self, config):
         super().__init__()
@@ -585,19 +618,6 @@ class MoCHA(nn.Module):
             raise KeyError(f"{source}: keys not in this model {unexpected[:5]}, keys missing {missing[:5]}")
         self.load_state_dict(state, strict=False)
 
-
-def resample_grid_and_concat(encoder_tokens, num_tokens):
-    """Channel-concatenation ablation: bilinearly resample each [B, h*w, C] grid to a common
-    square grid and concatenate the channels: [B, num_tokens, sum C]."""
-    side = math.isqrt(num_tokens)
-    grids = []
-    for tokens in encoder_tokens:
-        B, n, C = tokens.shape
-        h = math.isqrt(n)
-        grid = tokens.transpose(1, 2).reshape(B, C, h, h)
-        grid = F.interpolate(grid, size=(side, side), mode='bilinear', align_corners=False)
-        grids.append(grid.flatten(2).transpose(1, 2))
-    return torch.cat(grids, dim=-1)
 
 # -----------------------------------------------------------------------------
 # Looking inside a run: the one FLOP count (train.py's FLOP/s and MFU, bench.py's table) and expert collapse
