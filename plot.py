@@ -9,7 +9,6 @@ losses (summed over the MoECs, as in Eq. 10), the learning rate, and HGA's mean 
 experts.png: per MoEC, the share of its routed tokens each expert got, as stacked areas over the steps
 (an expert whose band thins to nothing has collapsed; train.py warns about it).
 """
-import json
 import os
 import sys
 
@@ -17,21 +16,16 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
 
+from eval import read_jsonl  # one reader of jsonl files, with errors that name the line
+
 FIGSIZE, DPI = (10, 6), 100  # every figure is 1000 x 600 pixels
 
 
 def read_metrics(path):
     """The log records and the validation records, by step; a resumed run's repeated step keeps its last record."""
     logs, vals = {}, {}
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-            (vals if 'val_loss' in record else logs)[record['step']] = record
+    for record in read_jsonl(path):
+        (vals if 'val_loss' in record else logs)[record['step']] = record
     if not logs:
         raise ValueError(f"{path} has no log records: did train.py reach its first log step?")
     return [logs[s] for s in sorted(logs)], [vals[s] for s in sorted(vals)]
