@@ -1904,6 +1904,17 @@ def test_encoder_lr_scale_sets_how_fast_trained_encoders_move(small_shapes, tmp_
     assert patch and all(not torch.equal(moving[k], frozen[k]) for k in patch)
 
 
+def test_llm_layers_sets_the_depth_of_a_tiny_lm_and_travels_with_the_checkpoint(small_shapes, tmp_path):
+    """train.py --llm_layers=3 (the shapes LM has 2): three decoder layers are trained and saved, and the
+    checkpoint rebuilds them, as eval.py loads it."""
+    weights, _ = run_train(small_shapes, tmp_path / 'deep', '--stage=2', '--template=phi', '--llm_layers=3',
+                           f'--data_json={small_shapes}/instruct.json', '--max_steps=1')
+    layers = {k.split('.')[3] for k in weights if k.startswith('llm.model.layers.')}
+    assert layers == {'0', '1', '2'}
+    model = MoCHA.from_pretrained(tmp_path / 'deep' / 'ckpt')
+    assert model.config.llm_layers == 3 and len(model.llm.model.layers) == 3
+
+
 def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path):
     args = ('--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json')
     _, one = run_train(small_shapes, tmp_path / 'one', *args, '--batch_size=4')

@@ -70,6 +70,7 @@ k_intra = 7
 k_inter = 3
 llm = 'microsoft/phi-2'
 llm_source = 'pretrained'
+llm_layers = 0             # 'tiny'/'random' LLMs only: this many decoder layers instead of the config's
 tokenizer = ''
 # optimizer (AdamW), schedule (cosine, 3 % warmup)
 learning_rate = 1e-3
@@ -149,7 +150,7 @@ model_config = MoCHAConfig(
                                 else (encoder_resolution,) * len(ENCODER_ORDER))), image_size=image_size,
     feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
     num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter,
-    llm=llm, llm_source=llm_source, tokenizer=tokenizer or None, template=template)
+    llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None, template=template)
 
 def warn_past_trained_positions(llm_config):
     trained_positions = getattr(llm_config, 'max_position_embeddings', None)
