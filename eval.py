@@ -23,7 +23,7 @@ import glob
 import json
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import nullcontext
 
 import torch
@@ -110,7 +110,10 @@ def yes_no_metrics(predictions, labels):
 def score_pope(answers, question_file, annotation_dir):
     """POPE per split (annotation_dir/coco_pope_{split}.json, the splits present) and 'f1_avg', the mean F1
     over them (the paper's POPE number). A split's label lines pair, in order, with the question file's
-    questions of that category (as the official script assumes); answers pair with questions by id."""
+    questions of that category (as the official script assumes); answers pair with questions by id.
+    'by_positives': all splits' questions again, grouped by how many present objects POPE asks about in
+    their image (real POPE: 3 in every image; the shapes world: its 1-3 objects), to tell 'cannot check
+    one object' from 'cannot find it among several'."""
     questions = read_jsonl(question_file)
     answer_by_id = index_by(answers, lambda a: str(a['question_id']), 'POPE answers')
     question_ids = {str(q['question_id']) for q in questions}
@@ -118,6 +121,7 @@ def score_pope(answers, question_file, annotation_dir):
     if unknown:
         raise ValueError(f"POPE: {len(unknown)} answers have question ids not in {question_file}: {unknown[:5]}")
     results, missing_ids, num_questions = {}, [], 0
+    by_positives = defaultdict(lambda: ([], []))  # positives in the image -> (predictions, labels)
     for split in POPE_SPLITS:
         label_file = os.path.join(annotation_dir, f'coco_pope_{split}.json')
         if not os.path.exists(label_file):
@@ -128,6 +132,7 @@ def score_pope(answers, question_file, annotation_dir):
             raise ValueError(f"{label_file} has {len(labels)} labels but {question_file} has "
                              f"{len(split_questions)} questions of category {split!r}")
         predictions, golds = [], []
+        positives = Counter(label.get('image') for label in labels if label.get('label') == 'yes')
         for line_number, (question, label) in enumerate(zip(split_questions, labels), 1):
             if 'image' in label and label['image'] != question.get('image'):
                 raise ValueError(f"{label_file}:{line_number}: label is for image {label['image']} but the "
@@ -141,11 +146,14 @@ def score_pope(answers, question_file, annotation_dir):
                 continue
             predictions.append(pope_prediction(answer['text']))
             golds.append(label['label'])
+            group = by_positives[positives[label.get('image')]]
+            group[0].append(predictions[-1]), group[1].append(label['label'])
         results[split] = yes_no_metrics(predictions, golds)
     if not results:
         raise FileNotFoundError(f"no coco_pope_{{{','.join(POPE_SPLITS)}}}.json in {annotation_dir}")
     f1s = [metrics['f1'] for metrics in results.values() if metrics['f1'] is not None]
     results['f1_avg'] = sum(f1s) / len(f1s) if f1s else None
+    results['by_positives'] = {n: yes_no_metrics(*by_positives[n]) for n in sorted(by_positives)}
     results.update(missing_report('POPE', missing_ids, num_questions))
     return results
 
@@ -547,6 +555,8 @@ def results_table(results):
                 if split in metrics:
                     for name in ('accuracy', 'f1', 'yes_ratio'):
                         rows.append(('POPE', f'{split} {name}', metrics[split][name]))
+            for positives, group in metrics.get('by_positives', {}).items():
+                rows.append(('POPE', f'{positives} present: accuracy', group['accuracy']))
         elif benchmark == 'gqa':
             for name in ('accuracy', 'binary', 'open'):
                 rows.append(('GQA', name, metrics[name]))
