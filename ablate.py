@@ -44,15 +44,16 @@ VARIANTS = {
     # 'full'), and the MLP's own training is not counted in this run's steps.
     'upcycled': ['--upcycle_from={out_dir}/mlp/seed{seed}/ckpt'],
 }
-# the table's columns: name -> where in a run's eval/results.json (or 'gqa_where', see gqa_where)
+# the table's columns: name -> where in a run's eval/results.json (None: computed in run_metrics)
 METRICS = {
     'pope_random': ('pope', 'random', 'accuracy'),
     'pope_popular': ('pope', 'popular', 'accuracy'),
     'pope_adversarial': ('pope', 'adversarial', 'accuracy'),
     'pope_mean': None,  # mean accuracy of the three splits
     'pope_f1': ('pope', 'f1_avg'),
+    'pope_one_object': ('pope', 'by_positives', '1', 'accuracy'),  # images of one object: no search, just the check
     'gqa': ('gqa', 'accuracy'),
-    'gqa_where': None,  # "Where is the <colour> <shape>?", the question the shapes model finds hardest
+    'gqa_where': ('gqa', 'by_type', 'queryPosition'),  # "Where is the <colour> <shape>?", the hardest here
     'mme': ('mme', 'perception'),
     'mme_position': ('mme', 'subtasks', 'position', 'score'),
 }
@@ -75,27 +76,13 @@ def dig(results, path):
     return results
 
 
-def gqa_where(run_dir, questions_json):
-    """Accuracy on the GQA questions of type queryPosition, by score_gqa's rule (answer without trailing
-    '.', lower case, equal to the gold answer); None if the run answered none."""
-    with open(questions_json) as f:
-        questions = json.load(f)
-    answers_file = os.path.join(run_dir, 'eval', 'gqa_answers.jsonl')
-    with open(answers_file) as f:
-        answers = [json.loads(line) for line in f if line.strip()]
-    right = [a['text'].rstrip('.').lower() == questions[str(a['question_id'])]['answer'] for a in answers
-             if questions[str(a['question_id'])]['types']['detailed'] == 'queryPosition']
-    return 100.0 * sum(right) / len(right) if right else None
-
-
-def run_metrics(run_dir, questions_json):
+def run_metrics(run_dir):
     """The table's numbers for one finished run."""
     with open(os.path.join(run_dir, 'eval', 'results.json')) as f:
         results = json.load(f)
     metrics = {name: dig(results, path) for name, path in METRICS.items() if path}
     splits = [metrics[f'pope_{split}'] for split in ('random', 'popular', 'adversarial')]
     metrics['pope_mean'] = sum(splits) / len(splits) if None not in splits else None
-    metrics['gqa_where'] = gqa_where(run_dir, questions_json)
     return {name: metrics[name] for name in METRICS}
 
 
@@ -174,9 +161,6 @@ if __name__ == '__main__':
     if '--prepare_shapes_data=False' not in extra and not os.path.exists(os.path.join(shapes_dir, 'instruct.json')):
         from shapes import prepare_shapes
         prepare_shapes(shapes_dir)
-    data_json = next((a.split('=', 1)[1] for a in reversed(extra) if a.startswith('--data_json=')),
-                     os.path.join(shapes_dir, 'instruct.json'))
-    questions_json = os.path.join(os.path.dirname(data_json), 'eval', 'gqa', 'testdev_balanced_questions.json')
     # first the runs others start from (upcycle_from a run of this table), then those
     waves = [[(v, s) for v in chosen for s in seed_list if '{out_dir}' not in ' '.join(VARIANTS[v])],
              [(v, s) for v in chosen for s in seed_list if '{out_dir}' in ' '.join(VARIANTS[v])]]
@@ -193,7 +177,7 @@ if __name__ == '__main__':
         with ThreadPoolExecutor(jobs) as pool:
             run_dirs = pool.map(lambda vs: run(*vs, extra, threads), wave)
             for (variant, seed), run_dir in zip(wave, run_dirs):
-                runs[variant][seed] = run_metrics(run_dir, questions_json)
+                runs[variant][seed] = run_metrics(run_dir)
     table = ablation_table(runs, extra)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'ablation.json'), 'w') as f:

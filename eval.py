@@ -164,14 +164,15 @@ def score_gqa(answers, questions_json):
     """Exact-match accuracy on the balanced questions of a GQA questions JSON (testdev_balanced_questions.json:
     {qid: {answer, types: {structural, ...}, isBalanced, ...}}). Prediction = answer text with trailing '.'
     stripped, lower-cased. GQA's eval.py calls a question 'open' when types.structural is 'query' and
-    'binary' otherwise (verify, logical, compare, choose)."""
+    'binary' otherwise (verify, logical, compare, choose). 'by_type': accuracy per types.detailed
+    (queryPosition, existAttrC, ...), which says what a model can and cannot do."""
     with open(questions_json) as f:
         questions = json.load(f)
     answer_by_id = index_by(answers, lambda a: str(a['question_id']), 'GQA answers')
     unknown = [qid for qid in answer_by_id if qid not in questions]
     if unknown:
         raise ValueError(f"GQA: {len(unknown)} answers have question ids not in {questions_json}: {unknown[:5]}")
-    correct = defaultdict(list)  # 'binary' / 'open' -> [bool]
+    correct, by_type = defaultdict(list), defaultdict(list)  # 'binary' / 'open', types.detailed -> [bool]
     missing_ids, num_questions = [], 0
     for qid, question in questions.items():
         if not question.get('isBalanced', True):  # eval.py scores the balanced subset only
@@ -183,11 +184,13 @@ def score_gqa(answers, questions_json):
         prediction = answer_by_id[qid]['text'].rstrip('.').lower()
         answer_type = 'open' if question['types']['structural'] == 'query' else 'binary'
         correct[answer_type].append(prediction == question['answer'])
+        by_type[question['types'].get('detailed')].append(prediction == question['answer'])
     every = correct['binary'] + correct['open']
     return dict(accuracy=percent(sum(every), len(every)),
                 binary=percent(sum(correct['binary']), len(correct['binary'])),
                 open=percent(sum(correct['open']), len(correct['open'])),
-                questions=len(every), **missing_report('GQA', missing_ids, num_questions))
+                questions=len(every), by_type={kind: percent(sum(right), len(right)) for kind, right in by_type.items()},
+                **missing_report('GQA', missing_ids, num_questions))
 
 # -----------------------------------------------------------------------------
 # MME (convert_answer_to_mme.py + eval_tool/calculation.py)

@@ -1303,7 +1303,7 @@ def test_score_pope_refuses_mismatched_files(tmp_path):
 def test_score_gqa_hand_computed(tmp_path):
     def q(answer_, structural, balanced=True):
         return dict(imageId='n1', question='?', answer=answer_, isBalanced=balanced,
-                    types=dict(structural=structural, semantic='attr', detailed='x'))
+                    types=dict(structural=structural, semantic='attr', detailed=f'{structural}Detail'))
     questions = {'201': q('yes', 'verify'), '202': q('no', 'logical'), '203': q('red', 'query'),
                  '204': q('left', 'query'), '205': q('yes', 'compare'), '206': q('cat', 'choose'),
                  '207': q('dog', 'query', balanced=False), '208': q('dog', 'query')}
@@ -1322,6 +1322,8 @@ def test_score_gqa_hand_computed(tmp_path):
     assert result['binary'] == pytest.approx(100 / 3)     # 201 of 201, 202, 205
     assert result['open'] == pytest.approx(200 / 3)       # 203, 204 of 203, 204, 208
     assert result['num_missing'] == 1 and result['missing_ids'] == ['206']
+    assert result['by_type'] == {'verifyDetail': 100.0, 'logicalDetail': 0.0, 'queryDetail': pytest.approx(200 / 3),
+                                 'compareDetail': 0.0}  # types.detailed; 206 (choose) unanswered
     with pytest.raises(ValueError, match='appears twice'):
         ev.score_gqa(answers + [answer('201', 'no')], tmp_path / 'testdev_balanced_questions.json')
 
