@@ -575,8 +575,17 @@ class MoCHA(nn.Module):
         return parts
 
     def trainable_state_dict(self):
-        return {f'{prefix}.{k}': v for prefix, module in self.saved_parts().items()
-                for k, v in module.state_dict().items()}
+        """The saved parts' tensors by name. A tensor shared by two names (the LM head of an LLM with
+        tie_word_embeddings, which is its input embedding) is kept once, under its first name: safetensors
+        refuses to write shared tensors, and loading the one name fills both."""
+        state, seen = {}, set()
+        for prefix, module in self.saved_parts().items():
+            for k, v in module.state_dict().items():
+                if v.numel() and v.data_ptr() in seen:
+                    continue
+                seen.add(v.data_ptr())
+                state[f'{prefix}.{k}'] = v
+        return state
 
     def save_pretrained(self, out_dir, state_dict=None):
         """Writes config.json + model.safetensors, each via a temporary file and an atomic rename.

@@ -469,6 +469,28 @@ def test_save_load_round_trip_restores_every_weight(tiny_mocha, tmp_path):
                                    loaded(ids, mask, None, random_images(1))['logits'])
 
 
+def test_an_llm_with_tied_embeddings_saves_its_shared_weight_once_and_loads_it_tied(tokenizer_dir, tmp_path):
+    """Qwen2-0.5B, Gemma and others tie lm_head to the input embedding; safetensors refuses shared tensors,
+    so a stage-2 checkpoint of such an LLM failed to save. Saved once, loaded into both names."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    import mocha
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**dict(mocha.TINY_LLM[1], vocab_size=vocab, tie_word_embeddings=True))
+                     ).save_pretrained(tmp_path / 'tied_llm')
+    model = MoCHA(tiny_config(tokenizer_dir, encoders=('siglip',), llm=str(tmp_path / 'tied_llm'),
+                              llm_source='pretrained')).eval()
+    assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight  # trainable: stage 2
+    with torch.no_grad():
+        model.llm.model.embed_tokens.weight.mul_(3)  # a weight the pretrained LLM does not have
+    model.save_pretrained(tmp_path / 'ckpt')
+    saved = load_file(tmp_path / 'ckpt' / 'model.safetensors')
+    assert 'llm.model.embed_tokens.weight' in saved and 'llm.lm_head.weight' not in saved
+    loaded = MoCHA.from_pretrained(str(tmp_path / 'ckpt')).eval()
+    assert loaded.llm.lm_head.weight is loaded.llm.model.embed_tokens.weight
+    assert torch.equal(loaded.llm.lm_head.weight, model.llm.lm_head.weight)
+
+
 def test_frozen_llm_gets_no_gradient_and_is_not_saved_when_pretrained(tokenizer_dir, tmp_path):
     torch.manual_seed(0)
     model = MoCHA(tiny_config(tokenizer_dir, encoders=('siglip',)))
