@@ -153,7 +153,7 @@ def score_pope(answers, question_file, annotation_dir):
         raise FileNotFoundError(f"no coco_pope_{{{','.join(POPE_SPLITS)}}}.json in {annotation_dir}")
     f1s = [metrics['f1'] for metrics in results.values() if metrics['f1'] is not None]
     results['f1_avg'] = sum(f1s) / len(f1s) if f1s else None
-    results['by_positives'] = {n: yes_no_metrics(*by_positives[n]) for n in sorted(by_positives)}
+    results['by_positives'] = {str(n): yes_no_metrics(*by_positives[n]) for n in sorted(by_positives)}  # JSON keys
     results.update(missing_report('POPE', missing_ids, num_questions))
     return results
 
@@ -184,7 +184,8 @@ def score_gqa(answers, questions_json):
         prediction = answer_by_id[qid]['text'].rstrip('.').lower()
         answer_type = 'open' if question['types']['structural'] == 'query' else 'binary'
         correct[answer_type].append(prediction == question['answer'])
-        by_type[question['types'].get('detailed')].append(prediction == question['answer'])
+        if 'detailed' in question['types']:
+            by_type[question['types']['detailed']].append(prediction == question['answer'])
     every = correct['binary'] + correct['open']
     return dict(accuracy=percent(sum(every), len(every)),
                 binary=percent(sum(correct['binary']), len(correct['binary'])),

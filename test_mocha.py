@@ -1282,8 +1282,8 @@ def test_score_pope_hand_computed(tmp_path):
     assert result['f1_avg'] == pytest.approx(70.0)
     assert result['num_missing'] == 1 and result['missing_ids'] == [30000010]
     # each question has its own image here: 'yes' ones hold 1 asked-about object, 'no' ones none
-    assert result['by_positives'][1]['accuracy'] == pytest.approx(100 * 5 / 8)   # TP 3 + 2 of 5 + 3
-    assert result['by_positives'][0]['accuracy'] == pytest.approx(100 * 3 / 5)   # TN 2 + 1 of 4 + 1
+    assert result['by_positives']['1']['accuracy'] == pytest.approx(100 * 5 / 8)   # TP 3 + 2 of 5 + 3
+    assert result['by_positives']['0']['accuracy'] == pytest.approx(100 * 3 / 5)   # TN 2 + 1 of 4 + 1
 
 
 def test_score_pope_by_positives_groups_questions_by_the_objects_present_in_their_image(tmp_path):
@@ -1302,9 +1302,9 @@ def test_score_pope_by_positives_groups_questions_by_the_objects_present_in_thei
     for split, split_labels in labels.items():
         write_jsonl(tmp_path / 'coco' / f'coco_pope_{split}.json', split_labels)
     by_positives = ev.score_pope(answers, tmp_path / 'questions.jsonl', tmp_path / 'coco')['by_positives']
-    assert list(by_positives) == [1, 2]
-    assert by_positives[2]['accuracy'] == pytest.approx(75.0) and by_positives[2]['questions'] == 8
-    assert by_positives[1]['accuracy'] == pytest.approx(50.0) and by_positives[1]['questions'] == 4
+    assert list(by_positives) == ['1', '2']  # strings, as results.json keeps them
+    assert by_positives['2']['accuracy'] == pytest.approx(75.0) and by_positives['2']['questions'] == 8
+    assert by_positives['1']['accuracy'] == pytest.approx(50.0) and by_positives['1']['questions'] == 4
 
 def test_score_pope_refuses_mismatched_files(tmp_path):
     answers = make_pope(tmp_path)
