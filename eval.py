@@ -121,7 +121,7 @@ def score_pope(answers, question_file, annotation_dir):
     if unknown:
         raise ValueError(f"POPE: {len(unknown)} answers have question ids not in {question_file}: {unknown[:5]}")
     results, missing_ids, num_questions = {}, [], 0
-    by_positives = defaultdict(lambda: ([], []))  # positives in the image -> (predictions, labels)
+    by_positives = defaultdict(list)  # present objects asked about in the image -> [(prediction, label)]
     for split in POPE_SPLITS:
         label_file = os.path.join(annotation_dir, f'coco_pope_{split}.json')
         if not os.path.exists(label_file):
@@ -146,14 +146,14 @@ def score_pope(answers, question_file, annotation_dir):
                 continue
             predictions.append(pope_prediction(answer['text']))
             golds.append(label['label'])
-            group = by_positives[positives[label.get('image')]]
-            group[0].append(predictions[-1]), group[1].append(label['label'])
+            by_positives[positives[label.get('image')]].append((predictions[-1], label['label']))
         results[split] = yes_no_metrics(predictions, golds)
     if not results:
         raise FileNotFoundError(f"no coco_pope_{{{','.join(POPE_SPLITS)}}}.json in {annotation_dir}")
     f1s = [metrics['f1'] for metrics in results.values() if metrics['f1'] is not None]
     results['f1_avg'] = sum(f1s) / len(f1s) if f1s else None
-    results['by_positives'] = {str(n): yes_no_metrics(*by_positives[n]) for n in sorted(by_positives)}  # JSON keys
+    results['by_positives'] = {str(n): yes_no_metrics(*zip(*by_positives[n]))  # str: as results.json keeps keys
+                               for n in sorted(by_positives)}
     results.update(missing_report('POPE', missing_ids, num_questions))
     return results
 
@@ -560,7 +560,7 @@ def results_table(results):
                     for name in ('accuracy', 'f1', 'yes_ratio'):
                         rows.append(('POPE', f'{split} {name}', metrics[split][name]))
             for positives, group in metrics.get('by_positives', {}).items():
-                rows.append(('POPE', f'{positives} present: accuracy', group['accuracy']))
+                rows.append(('POPE', f'images of {positives} present: accuracy', group['accuracy']))
         elif benchmark == 'gqa':
             for name in ('accuracy', 'binary', 'open'):
                 rows.append(('GQA', name, metrics[name]))

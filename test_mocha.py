@@ -40,7 +40,7 @@ import data
 import eval as ev
 import shapes
 from data import SYSTEM
-from mocha import (ENCODER_ORDER, ENCODER_SPECS, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, Encoders, MoCHA,
+from mocha import (ENCODER_ORDER, ENCODER_SPECS, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, TINY_LLM, Encoders, MoCHA,
                    MoCHAConfig, MoEC, build_backbone, build_llm)
 from released import released_hga, released_moec, tokenwise_moec
 
@@ -473,10 +473,9 @@ def test_an_llm_with_tied_embeddings_saves_its_shared_weight_once_and_loads_it_t
     """Qwen2-0.5B, Gemma and others tie lm_head to the input embedding; safetensors refuses shared tensors,
     so a stage-2 checkpoint of such an LLM failed to save. Saved once, loaded into both names."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    import mocha
     vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**dict(mocha.TINY_LLM[1], vocab_size=vocab, tie_word_embeddings=True))
+    LlamaForCausalLM(LlamaConfig(**dict(TINY_LLM[1], vocab_size=vocab, tie_word_embeddings=True))
                      ).save_pretrained(tmp_path / 'tied_llm')
     model = MoCHA(tiny_config(tokenizer_dir, encoders=('siglip',), llm=str(tmp_path / 'tied_llm'),
                               llm_source='pretrained')).eval()
