@@ -190,7 +190,8 @@ def score_gqa(answers, questions_json):
     return dict(accuracy=percent(sum(every), len(every)),
                 binary=percent(sum(correct['binary']), len(correct['binary'])),
                 open=percent(sum(correct['open']), len(correct['open'])),
-                questions=len(every), by_type={kind: percent(sum(right), len(right)) for kind, right in by_type.items()},
+                questions=len(every),
+                by_type={kind: percent(sum(right), len(right)) for kind, right in by_type.items()},
                 **missing_report('GQA', missing_ids, num_questions))
 
 # -----------------------------------------------------------------------------
