@@ -7,10 +7,12 @@ mean +- std over seeds (out_dir/ablation.json and out_dir/ablation.md).
     python ablate.py --variants=mlp,full --seeds=0,1 --jobs=2
     python ablate.py --variants=full --seeds=0,1 --max_steps=50   # any other --key=value goes to train.py
 
+First, each seed pretrains its own tiny LM on text (config/shapes_lm.py into out_dir/lm/seed<k>/), as the
+two-command shapes run does; that seed's variants all start from it, as the paper's ablations share one LLM.
 Each run writes out_dir/<variant>/seed<k>/ (checkpoint, losses.txt, train.log, eval/results.json). A run whose
-results.json exists and whose train.py command is unchanged is read, not redone: delete its folder to redo it.
-The seed is train.py's `seed` (model init and data order); the shapes world itself stays the one of
-shapes.py's fixed seed, so the spread over seeds is training noise on one world.
+results.json (the LM stage: llm/) exists and whose train.py command is unchanged is read, not redone: delete
+its folder to redo it. The seed is train.py's `seed` (model init and data order, in both steps); the shapes
+world itself stays the one of shapes.py's fixed seed, so the spread over seeds is training noise on one world.
 """
 import json
 import os
@@ -61,6 +63,9 @@ METRICS = {
 # -----------------------------------------------------------------------------
 # config: ablate.py's own keys; every other --key=value is passed to train.py
 config = 'config/shapes.py'
+lm_config = 'config/shapes_lm.py'  # each seed first pretrains its own LM on text (out_dir/lm/seed<k>), which
+                                   # every variant of that seed then starts from; '' = config's llm as it is
+lm_args = ''                       # extra train.py --key=value for that LM stage, space-separated
 out_dir = 'out/ablate'
 variants = ','.join(VARIANTS)
 seeds = '0,1,2'
@@ -86,18 +91,28 @@ def run_metrics(run_dir):
     return {name: metrics[name] for name in METRICS}
 
 
+def lm_command(seed):
+    run_dir = os.path.join(out_dir, 'lm', f'seed{seed}')
+    return run_dir, [sys.executable, 'train.py', lm_config, f'--out_dir={run_dir}', f'--seed={seed}',
+                     *lm_args.split()]
+
+
 def train_command(variant, seed, extra):
     run_dir = os.path.join(out_dir, variant, f'seed{seed}')
     overrides = [o.format(out_dir=out_dir, seed=seed) for o in VARIANTS[variant]]
+    if lm_config:
+        overrides.append(f"--llm={os.path.join(lm_command(seed)[0], 'llm')}")
     return run_dir, [sys.executable, 'train.py', config, f'--out_dir={run_dir}', f'--seed={seed}',
                      '--eval_shapes_at_end=True', *overrides, *extra]
 
 
 def run(variant, seed, extra, threads):
-    """Train + eval one variant at one seed (or reuse a finished identical run); its run_dir."""
-    run_dir, command = train_command(variant, seed, extra)
+    """Train + eval one variant at one seed, or variant 'lm': that seed's LM stage (or reuse a finished
+    identical run); its run_dir."""
+    run_dir, command = lm_command(seed) if variant == 'lm' else train_command(variant, seed, extra)
     command_file = os.path.join(run_dir, 'ablate_command.json')
-    done = os.path.exists(os.path.join(run_dir, 'eval', 'results.json')) and os.path.exists(command_file)
+    finished_file = os.path.join(run_dir, 'llm' if variant == 'lm' else 'eval/results.json')
+    done = os.path.exists(finished_file) and os.path.exists(command_file)
     if done and json.load(open(command_file)) == command[1:]:
         print(f"{variant} seed {seed}: reusing {run_dir}\n", end='', flush=True)  # one write: no interleaving
         return run_dir
@@ -108,7 +123,7 @@ def run(variant, seed, extra, threads):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM='false')
     with open(os.path.join(run_dir, 'train.log'), 'w') as log:
         finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if finished.returncode != 0 or not os.path.exists(os.path.join(run_dir, 'eval', 'results.json')):
+    if finished.returncode != 0 or not os.path.exists(finished_file):
         tail = open(os.path.join(run_dir, 'train.log')).read()[-2000:]
         raise RuntimeError(f"{variant} seed {seed} failed (exit {finished.returncode}); "
                            f"{run_dir}/train.log ends:\n{tail}")
@@ -149,7 +164,8 @@ if __name__ == '__main__':
     extra = []
     for arg in sys.argv[1:]:  # ablate.py's own keys; the rest goes to train.py unchanged
         key, _, value = arg.removeprefix('--').partition('=')
-        if arg.startswith('--') and key in ('config', 'out_dir', 'variants', 'seeds', 'jobs', 'shapes_dir'):
+        if arg.startswith('--') and key in ('config', 'lm_config', 'lm_args', 'out_dir', 'variants', 'seeds', 'jobs',
+                                            'shapes_dir'):
             globals()[key] = int(value) if key == 'jobs' else value
         else:
             extra.append(arg)
@@ -161,11 +177,12 @@ if __name__ == '__main__':
     if '--prepare_shapes_data=False' not in extra and not os.path.exists(os.path.join(shapes_dir, 'instruct.json')):
         from shapes import prepare_shapes
         prepare_shapes(shapes_dir)
-    # first the runs others start from (upcycle_from a run of this table), then those
-    waves = [[(v, s) for v in chosen for s in seed_list if '{out_dir}' not in ' '.join(VARIANTS[v])],
+    # first each seed's LM, then the runs others start from (upcycle_from a run of this table), then those
+    waves = [[('lm', s) for s in seed_list if lm_config],
+             [(v, s) for v in chosen for s in seed_list if '{out_dir}' not in ' '.join(VARIANTS[v])],
              [(v, s) for v in chosen for s in seed_list if '{out_dir}' in ' '.join(VARIANTS[v])]]
-    first_checkpoints = {os.path.join(train_command(v, s, extra)[0], 'ckpt') for v, s in waves[0]}
-    for variant, seed in waves[1]:  # a missing upcycling source is an error now, not after the first wave
+    first_checkpoints = {os.path.join(train_command(v, s, extra)[0], 'ckpt') for v, s in waves[1]}
+    for variant, seed in waves[2]:  # a missing upcycling source is an error now, not after the first wave
         command = train_command(variant, seed, extra)[1]
         for source in [o.split('=', 1)[1] for o in command if o.startswith('--upcycle_from=')]:
             if not os.path.isdir(source) and source not in first_checkpoints:
@@ -177,7 +194,8 @@ if __name__ == '__main__':
         with ThreadPoolExecutor(jobs) as pool:
             run_dirs = pool.map(lambda vs: run(*vs, extra, threads), wave)
             for (variant, seed), run_dir in zip(wave, run_dirs):
-                runs[variant][seed] = run_metrics(run_dir)
+                if variant != 'lm':
+                    runs[variant][seed] = run_metrics(run_dir)
     table = ablation_table(runs, extra)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'ablation.json'), 'w') as f:

@@ -164,6 +164,10 @@ def build_llm(name, source, vocab_size=None, num_layers=0):
         # Vicuna in their stored float16, and AdamW would update float16 weights (bf16 is autocast's job)
         return transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     if source == 'random':
+        if os.path.isdir(name):  # a local HF folder (the shapes world's LM): its architecture, random weights
+            config = transformers.AutoConfig.from_pretrained(name)
+            config.num_hidden_layers = num_layers or config.num_hidden_layers
+            return transformers.AutoModelForCausalLM.from_config(config)
         if name not in LLM_SPECS:
             raise ValueError(f"no offline architecture for {name!r}; known: {list(LLM_SPECS)}")
         config_name, config_kwargs = LLM_SPECS[name]

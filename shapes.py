@@ -297,6 +297,37 @@ def save_scenes(rng, count, image_px, folder, name):
     return saved
 
 
+def question_turns(scene, rng, questions_per_image, caption_prob):
+    """(question, answer) turns about one scene: a few question families, then a caption turn at caption_prob"""
+    families = rng.sample(INSTRUCT_FAMILIES, rng.randint(*questions_per_image))
+    turns = [instruct_turn(*ask(scene, rng)[:2], rng) for ask in families]
+    if rng.random() < caption_prob:
+        turns.append((rng.choice(DESCRIBE), caption(scene)))
+    return turns
+
+
+def scene_words(scene):
+    """The scene as 9 words, one per cell in reading order: 'empty' or '<size>_<color>_<shape>'. One word per
+    object, as one visual token per cell carries the object: what the tiny LM reads in text.json."""
+    words = ['empty'] * 9
+    for obj in scene:
+        words[obj['row'] * 3 + obj['col']] = f"{obj['size']}_{obj['color']}_{obj['shape']}"
+    return ' '.join(words)
+
+
+def make_text_data(out_dir, rng, num_conversations, questions_per_image, caption_prob):
+    """text.json: instruct.json's conversations about new scenes that are written, not drawn: the scene's
+    words stand where '<image>' would. It is the tiny LM's pretraining (config/shapes_lm.py), no image in it."""
+    text = []
+    for i in range(num_conversations):
+        scene = sample_scene(rng, image_px=64)  # the pixel size only scales radii: the words do not show them
+        conversations = conversation(question_turns(scene, rng, questions_per_image, caption_prob), image=False)
+        conversations[0]['value'] = scene_words(scene) + '\n' + conversations[0]['value']
+        text.append({'id': f'text_scene_{i:06d}', 'conversations': conversations})
+    write_json(os.path.join(out_dir, 'text.json'), text)
+    return text
+
+
 def make_training_data(out_dir, rng, num_images, image_px, questions_per_image, caption_prob):
     """pretrain.json (captions, stage 1) and instruct.json (multi-turn QA + text-only, stage 2)."""
     pretrain, instruct = [], []
@@ -306,10 +337,7 @@ def make_training_data(out_dir, rng, num_images, image_px, questions_per_image, 
         human = IMAGE_TEXT + '\n' + describe if rng.random() < 0.5 else describe + '\n' + IMAGE_TEXT
         pretrain.append({'id': sample_id, 'image': file, 'conversations': [
             {'from': 'human', 'value': human}, {'from': 'gpt', 'value': caption(scene)}]})
-        families = rng.sample(INSTRUCT_FAMILIES, rng.randint(*questions_per_image))
-        turns = [instruct_turn(*ask(scene, rng)[:2], rng) for ask in families]
-        if rng.random() < caption_prob:
-            turns.append((rng.choice(DESCRIBE), caption(scene)))
+        turns = question_turns(scene, rng, questions_per_image, caption_prob)
         instruct.append({'id': sample_id, 'image': file, 'conversations': conversation(turns, image=True)})
     for i in range(max(1, num_images // 50)):  # text-only samples, like the ShareGPT part of LLaVA's mix
         turns = [instruct_turn(question, answer, rng) for question, answer in rng.sample(TEXT_ONLY, 2)]
@@ -502,7 +530,8 @@ def build_word_tokenizer(texts):
 
 
 def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_pope_images=80,
-                   num_gqa_images=100, num_mme_images=20, image_px=64, questions_per_image=(3, 5), caption_prob=0.5):
+                   num_gqa_images=100, num_mme_images=20, image_px=64, questions_per_image=(3, 5), caption_prob=0.5,
+                   num_text_conversations=40000):
     """Write the shapes world, deterministic by seed (each part has its own random stream, so changing
     one size leaves the other parts as they were). Images are image_px-square PNGs of 1-4 non-overlapping
     objects: 4 shapes x 6 colours x 2 sizes in a 3x3 grid of positions. The benchmarks use their own
@@ -513,6 +542,8 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
       pretrain.json                         stage 1: captions, LLaVA format [{id, image, conversations}]
       instruct.json                         stage 2: 3-6 turn QA (existence, colour, shape, count, position,
                                             size) + text-only samples (no "image" key)
+      text.json                             the tiny LM's pretraining (config/shapes_lm.py): the same kind of
+                                            conversations about scenes written as 9 words (scene_words), no images
       tokenizer/                            word-level HF tokenizer (AutoTokenizer.from_pretrained)
       eval/pope/llava_pope_test.jsonl       {question_id (int), image, text, category: random|popular|adversarial}
       eval/pope/coco/coco_pope_{random,popular,adversarial}.json
@@ -543,16 +574,17 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
     eval_dir = os.path.join(out_dir, 'eval')
     pretrain, instruct = make_training_data(out_dir, stream('train'), num_train_images, image_px,
                                            questions_per_image, caption_prob)
+    text = make_text_data(out_dir, stream('text'), num_text_conversations, questions_per_image, caption_prob)
     pope = make_pope(eval_dir, stream('pope'), num_pope_images, image_px)
     gqa = make_gqa(eval_dir, stream('gqa'), num_gqa_images, image_px)
     mme = make_mme(eval_dir, stream('mme'), num_mme_images, image_px)
     texts = [SYSTEM, 'USER: ASSISTANT:', ' '.join(NUMBER_WORDS), '0 1 2 3 4 5 6 7 8 9']
-    texts += [turn['value'] for sample in pretrain + instruct for turn in sample['conversations']]
+    texts += [turn['value'] for sample in pretrain + instruct + text for turn in sample['conversations']]
     texts += [q['text'] for q in pope + gqa + mme]
     tokenizer = build_word_tokenizer(texts)
     tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
-    summary = dict(pretrain=len(pretrain), instruct=len(instruct), pope=len(pope), gqa=len(gqa), mme=len(mme),
-                   vocab=len(tokenizer))
+    summary = dict(pretrain=len(pretrain), instruct=len(instruct), text=len(text), pope=len(pope), gqa=len(gqa),
+                   mme=len(mme), vocab=len(tokenizer))
     print(f"wrote {out_dir}: " + ', '.join(f'{k} {v}' for k, v in summary.items()))
     return summary
 

@@ -1579,7 +1579,8 @@ def test_evaluate_shapes_writes_results_json_with_all_three_scores(tmp_path):
 @pytest.fixture(scope='module')
 def small_shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp('shapes') / 'shapes'
-    shapes.prepare_shapes(str(root), seed=0, num_train_images=48, num_pope_images=4, num_gqa_images=4, num_mme_images=2)
+    shapes.prepare_shapes(str(root), seed=0, num_train_images=48, num_pope_images=4, num_gqa_images=4, num_mme_images=2,
+                          num_text_conversations=40)
     return root
 
 
@@ -1588,7 +1589,7 @@ def run_train(shapes, out_dir, *overrides, nproc=1, with_output=False):
             f'--image_folder={shapes}/images', f'--tokenizer={shapes}/tokenizer', '--prepare_shapes_data=False',
             '--eval_shapes_at_end=False', '--num_workers=0', '--batch_size=4', '--max_steps=3',
             '--log_interval=1', '--train_encoders=False', '--template=plain', '--stage=1', '--val_fraction=0.0',
-            *overrides]
+            '--llm=tiny', '--llm_source=tiny', *overrides]
     if nproc == 1:
         command = [sys.executable, 'train.py', *args]
     else:
@@ -1604,7 +1605,7 @@ def run_train(shapes, out_dir, *overrides, nproc=1, with_output=False):
 
 def run_dry(*overrides):
     command = [sys.executable, 'train.py', 'config/shapes.py', '--dry_run=True', '--prepare_shapes_data=False',
-               *overrides]
+               '--llm=tiny', '--llm_source=tiny', *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
@@ -1614,6 +1615,41 @@ def train_defaults():
     block = source[source.index('# default config'):source.index('config_keys = ')]
     return {name.strip() for line in block.splitlines() if re.match(r'^\w+(, \w+)* = ', line)
             for name in line.split(' = ')[0].split(',')}
+
+
+def test_text_json_writes_each_scene_as_nine_words_the_tokenizer_keeps_whole(small_shapes):
+    """text.json, the tiny LM's pretraining: each conversation opens with its scene as 9 cell words in reading
+    order, where instruct.json has '<image>'; each object word is one token of the shapes tokenizer."""
+    scene = [dict(row=0, col=2, size='large', color='red', shape='circle'),
+             dict(row=2, col=1, size='small', color='blue', shape='square')]
+    assert shapes.scene_words(scene).split() == ['empty', 'empty', 'large_red_circle', 'empty', 'empty', 'empty',
+                                                 'empty', 'small_blue_square', 'empty']
+    text = json.loads((small_shapes / 'text.json').read_text())
+    tokenizer = AutoTokenizer.from_pretrained(small_shapes / 'tokenizer')
+    assert len(text) == 40
+    for sample in text:
+        assert 'image' not in sample and data.IMAGE_TEXT not in json.dumps(sample)
+        words = sample['conversations'][0]['value'].split('\n')[0].split()
+        assert len(words) == 9 and 1 <= sum(w != 'empty' for w in words) <= 4
+        ids = tokenizer(' '.join(words), add_special_tokens=False)['input_ids']
+        assert len(ids) == 9 and tokenizer.unk_token_id not in ids
+
+
+def test_export_llm_saves_the_trained_llm_as_a_folder_that_config_shapes_loads(small_shapes, tmp_path):
+    """config/shapes_lm.py's export_llm: the LM of the final checkpoint as an HF folder; a MoCHA whose llm names
+    that folder ('pretrained', as config/shapes.py does) starts from exactly those weights."""
+    out = tmp_path / 'lm'
+    result = subprocess.run(
+        [sys.executable, 'train.py', 'config/shapes_lm.py', f'--out_dir={out}', f'--data_json={small_shapes}/text.json',
+         f'--tokenizer={small_shapes}/tokenizer', '--prepare_shapes_data=False', '--num_workers=0',
+         '--batch_size=4', '--max_steps=2', '--val_fraction=0.0'], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_file(out / 'ckpt' / 'model.safetensors')
+    llm = MoCHA(MoCHAConfig(encoders=('siglip',), encoder_source='tiny', llm=str(out / 'llm'),
+                            llm_source='pretrained', template='phi')).llm
+    exported = llm.state_dict()
+    assert exported and all(torch.equal(tensor, trained['llm.' + name]) for name, tensor in exported.items())
+    assert llm.config.vocab_size == len(AutoTokenizer.from_pretrained(out / 'llm'))
 
 
 def test_checkpoint_config_holds_exactly_the_config_globals(small_shapes, tmp_path):
@@ -1971,15 +2007,18 @@ def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path):
 
 
 def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
-    """ablate.py: 'mlp' x seeds 0 and 1, 2 steps each, two processes at once, then 'upcycled' from each seed's
-    MLP (about a minute on 2 busy cores). The seed is honest: it changes the losses on the same data."""
+    """ablate.py: each seed's LM stage on text, then 'mlp' x seeds 0 and 1, 2 steps each, two processes at once,
+    then 'upcycled' from each seed's MLP (about a minute on 2 busy cores). The seed is honest: it changes the
+    losses on the same data."""
     import ablate
     out = tmp_path / 'ablate'
     result = subprocess.run(
         [sys.executable, 'ablate.py', '--variants=mlp,upcycled', '--seeds=0,1', '--jobs=2', f'--out_dir={out}',
          f'--data_json={small_shapes}/instruct.json', f'--image_folder={small_shapes}/images',
          f'--tokenizer={small_shapes}/tokenizer', '--prepare_shapes_data=False', '--num_workers=0',
-         '--batch_size=4', '--max_steps=2', '--train_encoders=False'], capture_output=True, text=True, timeout=600)
+         '--batch_size=4', '--max_steps=2', '--train_encoders=False',
+         f'--lm_args=--data_json={small_shapes}/text.json --tokenizer={small_shapes}/tokenizer --prepare_shapes_data=False '
+         '--num_workers=0 --batch_size=4 --max_steps=2 --val_fraction=0'], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = json.loads((out / 'ablation.json').read_text())
     assert list(table) == ['mlp', 'upcycled']
@@ -1995,6 +2034,9 @@ def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
     assert '| mlp | 2 |' in (out / 'ablation.md').read_text()
     assert 'upcycled every expert' in (out / 'upcycled' / 'seed0' / 'train.log').read_text()
     assert (out / 'mlp/seed0/losses.txt').read_text() != (out / 'mlp/seed1/losses.txt').read_text()
+    # each seed's variants start from that seed's text-pretrained LM
+    assert f"--llm={out}/lm/seed1/llm" in (out / 'mlp/seed1/ablate_command.json').read_text()
+    assert (out / 'lm/seed0/llm/config.json').exists() and (out / 'lm/seed1/llm/config.json').exists()
 
 
 # -----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ log_interval = 10          # optimizer steps
 save_interval = 1000       # optimizer steps; the end of the run always saves
 stop_at_step = 0           # stop (and save) after this many steps, as if the job were killed; 0 = never
 eval_shapes_at_end = False # score the shapes benchmarks with eval.py when training ends
+export_llm = False         # when training ends, also save the LLM alone, HF format, to out_dir/llm (config/shapes_lm.py)
 eval_interval = 0          # optimizer steps between validation losses (and one at the end); 0 = never
 eval_iters = 0             # batches per validation loss; 0 = the whole held-out slice
 collapse_fraction = 0.1    # WARNING when an expert's share of a MoEC's routed tokens stays below this
@@ -141,6 +142,9 @@ if prepare_shapes_data:
     from shapes import prepare_shapes
     if master and not os.path.exists(data_json):
         prepare_shapes(os.path.dirname(data_json))
+    if llm_source == 'pretrained' and not os.path.isdir(llm):
+        raise FileNotFoundError(f"llm={llm!r} is not there yet: the shapes world's LM is pretrained on text first, "
+                                f"by `python train.py config/shapes_lm.py`")
     if distributed:
         dist.barrier()
 
@@ -491,6 +495,14 @@ if master:
     log(f"saved {ckpt_dir}")
 # every process reports its own count: under DDP/FSDP all must stop at the same step
 print(f"rank {rank}: stopped after step {step + 1}; samples skipped as bad here: {skipped_total}", flush=True)
+
+if export_llm and master and step + 1 == total_steps:
+    # the LLM as a plain HF causal LM + tokenizer, from the checkpoint just saved (whole, whatever the
+    # parallelism): what a config names as llm, as it names microsoft/phi-2
+    llm_dir = os.path.join(out_dir, 'llm')
+    MoCHA.from_pretrained(ckpt_dir).llm.save_pretrained(llm_dir)
+    tokenizer_.save_pretrained(llm_dir)
+    log(f"saved the LLM alone to {llm_dir}")
 
 if eval_shapes_at_end and step + 1 == total_steps:
     from eval import evaluate_shapes

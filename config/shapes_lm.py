@@ -1,0 +1,16 @@
+# The shapes world, step 1 of 2: pretrain its tiny LM on text, as MoCHA's LLMs (Phi-2, Vicuna) come pretrained.
+# Then `python train.py config/shapes.py` trains MoCHA on the images with this LM as its llm.
+# Why: a random LM learns to look a named object up in what it reads (is there a red circle?) only after
+# 1 000-2 000 steps, at a step that varies from seed to seed (README, "Shapes results"); on images those steps
+# cost the encoders, MoECs and HGA too. Here it learns that on text.json: the same kind of conversations about
+# scenes written as 9 words, one per cell ('empty large_red_circle ...'), where '<image>' would stand.
+# The rest of MoCHA is built and saved but gets no gradient (no images); export_llm keeps the LM alone.
+exec(open('config/shapes.py').read())  # the same world, template, tokenizer and optimizer; what differs:
+out_dir = 'out/shapes-lm'
+data_json = 'data/shapes/text.json'
+llm = 'tiny'                   # a random tiny Llama (mocha.TINY_LLM)
+llm_source = 'tiny'
+export_llm = True              # out/shapes-lm/llm: the HF folder config/shapes.py names as its llm
+eval_shapes_at_end = False
+epochs = 1                     # 2 450 steps (39 200 conversations after the held-out 2 %)
+eval_interval = 500
