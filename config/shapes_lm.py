@@ -13,4 +13,5 @@ llm_source = 'tiny'
 export_llm = True              # out/shapes-lm/llm: the HF folder config/shapes.py names as its llm
 eval_shapes_at_end = False
 epochs = 1                     # 2 450 steps (39 200 conversations after the held-out 2 %)
+max_steps = 0                  # not config/shapes.py's cut: all of that epoch
 eval_interval = 500
