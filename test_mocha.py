@@ -2003,7 +2003,10 @@ def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path):
     _, one = run_train(small_shapes, tmp_path / 'one', *args, '--batch_size=4')
     _, sharded = run_train(small_shapes, tmp_path / 'fsdp', *args, '--batch_size=2', '--parallel=fsdp', nproc=2)
     assert len(one) == len(sharded) == 3
-    assert one == pytest.approx(sharded, abs=1e-4)
+    assert one[0] == pytest.approx(sharded[0], abs=1e-5)  # the same forward, sharded
+    # after an update: AdamW's first step is about lr * sign(gradient), so gradient entries near zero, summed in
+    # another order over two processes, can flip. Seeds 1337 / 1 / 2 differ by 3e-5 / 1.5e-4 / 2e-7 (relative)
+    assert one[1:] == pytest.approx(sharded[1:], rel=1e-3)
 
 
 def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):

@@ -7,20 +7,17 @@
 # object's colour, shape and cell (linear probe on its own SigLIP token: 93 %, 98 %, 100 %), but over
 # 5 seeds they did not make the run robust (README, "Shapes results"), and trained ones were not
 # measured over seeds, so the default stays.
-# What varies from seed to seed (and machine to machine) is *when* the tiny LM learns to check the
-# image for a named object (even on one-object images, even for one attribute: "is there a circle?"):
-# POPE stays near chance (50-63 %) for the first 1 000 steps of every seed and recipe tried, then
-# climbs on some seeds (seed 0: 90 % by step 1 800) and not on others. No change of lr, batch, LM
-# depth, connector, question mix, encoder width, curriculum or tied embeddings tried here moved that
-# step reliably, and none left chance in 1 100 steps, so the schedule stays 3 epochs (README,
-# "Shapes results").
+# The LM is the tiny Llama after its text pretraining (config/shapes_lm.py, run first). From a random LM,
+# *when* the run learnt to check the image for a named object ("is there a red circle?") varied from seed
+# to seed: POPE near chance for the first 1 000 steps, then climbing on some seeds and not on others
+# within 2 247. From the text-pretrained LM every seed checks by 1 100 steps (README, "Shapes results").
 out_dir = 'out/shapes'
 prepare_shapes_data = True
 data_json = 'data/shapes/instruct.json'
 image_folder = 'data/shapes/images'
 eval_shapes_at_end = True
 template = 'phi'
-stage = 2                      # MoECs + LLM + encoders from scratch: a random LM has nothing to align to
+stage = 2                      # MoECs + LLM (+ encoders); a stage 1 first (MoECs alone) is not tried yet
 encoder_source = 'tiny'
 encoder_resolution = (48, 64, 48, 48)  # siglip, convnext, clip, dinov2: ViT tokens on the scene's 3x3 grid
 image_size = 64
