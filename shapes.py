@@ -2,7 +2,8 @@
 The shapes world: a synthetic stand-in for LLaVA's data and benchmarks, made offline from a seed.
 
 `python shapes.py` (or the first `python train.py config/shapes.py`) writes data/shapes/: images of
-1-4 coloured shapes on a 3x3 grid, LLaVA-format pretrain.json / instruct.json, a word-level tokenizer,
+1-4 coloured shapes on a 3x3 grid, LLaVA-format pretrain.json / instruct.json, text.json (the tiny LM's
+pretraining: such conversations about scenes written as words), a word-level tokenizer,
 and held-out POPE, GQA and MME files in the real benchmarks' formats. This is nanoGPT's
 data/<name>/prepare.py role; data.py holds the real LLaVA pipeline that reads what this writes.
 """

@@ -1,7 +1,8 @@
 """
 Trains MoCHA, both stages (the paper's Table 8 and the released scripts), on one process or many.
 
-    python train.py config/shapes.py                          # the offline shapes world, CPU
+    python train.py config/shapes_lm.py                       # the offline shapes world, CPU: its LM on text,
+    python train.py config/shapes.py                          # then MoCHA on its images
     torchrun --nproc_per_node=8 train.py config/stage1.py     # align: MoECs only
     torchrun --nproc_per_node=8 train.py config/stage2.py     # instruct: MoECs + LLM
 
