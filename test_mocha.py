@@ -1008,7 +1008,7 @@ def test_collate_pads_right_and_masks(word_tokenizer):
 # -----------------------------------------------------------------------------
 # the shapes world
 
-SMALL = dict(num_train_images=30, num_pope_images=12, num_gqa_images=8, num_mme_images=3)
+SMALL = dict(num_train_images=30, num_pope_images=12, num_gqa_images=8, num_mme_images=3, num_text_conversations=30)
 
 
 @pytest.fixture(scope='module')
@@ -1027,7 +1027,7 @@ def test_prepare_shapes_is_deterministic_and_complete(shapes_dir, tmp_path):
     files = all_files(shapes_dir)
     assert files == all_files(tmp_path / 'again')
     assert all(filecmp.cmp(shapes_dir / f, tmp_path / 'again' / f, shallow=False) for f in files)
-    expected = ['pretrain.json', 'instruct.json', 'tokenizer/tokenizer.json', 'eval/pope/llava_pope_test.jsonl',
+    expected = ['pretrain.json', 'instruct.json', 'text.json', 'tokenizer/tokenizer.json', 'eval/pope/llava_pope_test.jsonl',
                 'eval/gqa/llava_gqa_testdev_balanced.jsonl', 'eval/gqa/testdev_balanced_questions.json',
                 'eval/mme/llava_mme.jsonl']
     expected += [f'eval/pope/coco/coco_pope_{split}.json' for split in ('random', 'popular', 'adversarial')]
