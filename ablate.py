@@ -9,8 +9,9 @@ mean +- std over seeds (out_dir/ablation.json and out_dir/ablation.md).
 
 First, each seed pretrains its own tiny LM on text (config/shapes_lm.py into out_dir/lm/seed<k>/), as the
 two-command shapes run does; that seed's variants all start from it, as the paper's ablations share one LLM.
+The table's first row, 'lm', is that text step scored on the shapes GQA in words (the words_* columns).
 Each run writes out_dir/<variant>/seed<k>/ (checkpoint, losses.txt, train.log, eval/results.json). A run whose
-results.json (the LM stage: llm/) exists and whose train.py command is unchanged is read, not redone: delete
+eval/results.json exists and whose train.py command is unchanged is read, not redone: delete
 its folder to redo it. The seed is train.py's `seed` (model init and data order, in both steps); the shapes
 world itself stays the one of shapes.py's fixed seed, so the spread over seeds is training noise on one world.
 """
@@ -58,6 +59,9 @@ METRICS = {
     'gqa_where': ('gqa', 'by_type', 'queryPosition'),  # "Where is the <colour> <shape>?", the hardest here
     'mme': ('mme', 'perception'),
     'mme_position': ('mme', 'subtasks', 'position', 'score'),
+    # the LM stage's row only: GQA's questions about the same scenes written in words (eval.py's gqa_words)
+    'words_gqa': ('gqa_words', 'accuracy'),
+    'words_where': ('gqa_words', 'by_type', 'queryPosition'),
 }
 
 # -----------------------------------------------------------------------------
@@ -111,7 +115,7 @@ def run(variant, seed, extra, threads):
     identical run); its run_dir."""
     run_dir, command = lm_command(seed) if variant == 'lm' else train_command(variant, seed, extra)
     command_file = os.path.join(run_dir, 'ablate_command.json')
-    finished_file = os.path.join(run_dir, 'llm' if variant == 'lm' else 'eval/results.json')
+    finished_file = os.path.join(run_dir, 'eval/results.json')  # the LM stage scores GQA in words
     done = os.path.exists(finished_file) and os.path.exists(command_file)
     if done and json.load(open(command_file)) == command[1:]:
         print(f"{variant} seed {seed}: reusing {run_dir}\n", end='', flush=True)  # one write: no interleaving
@@ -143,7 +147,8 @@ def ablation_table(runs, extra):
     table = {}
     for variant, by_seed in runs.items():
         stats = {name: mean_std([metrics[name] for metrics in by_seed.values()]) for name in METRICS}
-        table[variant] = dict(overrides=VARIANTS[variant] + extra, seeds=sorted(by_seed),
+        overrides = lm_args.split() if variant == 'lm' else VARIANTS[variant] + extra
+        table[variant] = dict(overrides=overrides, seeds=sorted(by_seed),
                               per_seed={str(seed): metrics for seed, metrics in sorted(by_seed.items())},
                               mean={name: m for name, (m, _) in stats.items()},
                               std={name: s for name, (_, s) in stats.items()})
@@ -189,13 +194,12 @@ if __name__ == '__main__':
                 raise FileNotFoundError(f"{variant} seed {seed} upcycles {source}, which neither exists nor is "
                                         f"trained by this table: add the variant it comes from to --variants")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    runs = {v: {} for v in chosen}
+    runs = {v: {} for v in ['lm'] * bool(lm_config) + chosen}
     for wave in waves:
         with ThreadPoolExecutor(jobs) as pool:
             run_dirs = pool.map(lambda vs: run(*vs, extra, threads), wave)
             for (variant, seed), run_dir in zip(wave, run_dirs):
-                if variant != 'lm':
-                    runs[variant][seed] = run_metrics(run_dir)
+                runs[variant][seed] = run_metrics(run_dir)
     table = ablation_table(runs, extra)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'ablation.json'), 'w') as f:

@@ -412,6 +412,7 @@ def merge_answer_shards(answers_file, question_keys):
 BENCHMARK_FILES = {
     'pope': ('question_file', 'image_folder', 'annotation_dir'),
     'gqa': ('question_file', 'image_folder', 'questions_json'),
+    'gqa_words': ('question_file', 'image_folder', 'questions_json'),  # the shapes GQA in words, no image
     'mme': ('question_file', 'image_folder', 'mme_root'),
 }
 
@@ -419,7 +420,7 @@ def score_benchmark(benchmark, answers, files):
     """files: the benchmark's own files, the keys named like the scorers' arguments."""
     if benchmark == 'pope':
         return score_pope(answers, files['question_file'], files['annotation_dir'])
-    if benchmark == 'gqa':
+    if benchmark in ('gqa', 'gqa_words'):
         return score_gqa(answers, files['questions_json'])
     return score_mme(answers, files['mme_root'])
 
@@ -524,18 +525,26 @@ def shapes_files(shapes_dir):
         'gqa': dict(question_file=os.path.join(gqa, 'llava_gqa_testdev_balanced.jsonl'),
                     image_folder=os.path.join(gqa, 'images'),
                     questions_json=os.path.join(gqa, 'testdev_balanced_questions.json')),
+        'gqa_words': dict(question_file=os.path.join(gqa, 'llava_gqa_testdev_balanced_words.jsonl'),
+                          image_folder=os.path.join(gqa, 'images'),  # unused: no question has an image
+                          questions_json=os.path.join(gqa, 'testdev_balanced_questions.json')),
         'mme': dict(question_file=os.path.join(mme, 'llava_mme.jsonl'),
                     image_folder=os.path.join(mme, 'MME_Benchmark_release_version'),
                     mme_root=os.path.join(mme, 'MME_Benchmark_release_version')),
     }
 
-def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_new_tokens=16, model_id='nanomocha'):
-    """Answer and score the three shapes benchmarks; answers and results.json go to out_dir.
+SHAPES_BENCHMARKS = ('pope', 'gqa', 'mme')
+
+def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_new_tokens=16, model_id='nanomocha',
+                    benchmarks=SHAPES_BENCHMARKS):
+    """Answer and score the shapes benchmarks (default: the three on images; 'gqa_words' asks GQA's questions
+    about the scenes written in words, which is how the text step is scored); answers and results.json go to out_dir.
     Resumable like answer_questions, so give a fresh out_dir to a new checkpoint. Under torchrun every
     rank calls it with the unwrapped model (they share the answering).
     Returns {'pope': ..., 'gqa': ..., 'mme': ...} on rank 0, None on the other ranks."""
     results = {}
-    for benchmark, files in shapes_files(shapes_dir).items():
+    for benchmark in benchmarks:
+        files = shapes_files(shapes_dir)[benchmark]
         results[benchmark] = run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
                                            max_new_tokens, model_id)
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -562,9 +571,11 @@ def results_table(results):
                         rows.append(('POPE', f'{split} {name}', metrics[split][name]))
             for positives, group in metrics.get('by_positives', {}).items():
                 rows.append(('POPE', f'images of {positives} present: accuracy', group['accuracy']))
-        elif benchmark == 'gqa':
+        elif benchmark in ('gqa', 'gqa_words'):
             for name in ('accuracy', 'binary', 'open'):
-                rows.append(('GQA', name, metrics[name]))
+                rows.append((benchmark.upper(), name, metrics[name]))
+            for kind, accuracy in sorted(metrics.get('by_type', {}).items()):
+                rows.append((benchmark.upper(), f'{kind} accuracy', accuracy))
         elif benchmark == 'mme':
             rows.append(('MME', 'perception', metrics['perception']))
             rows.append(('MME', 'cognition', metrics['cognition']))
@@ -647,8 +658,9 @@ if __name__ == '__main__':
     ckpt_dir = 'out/shapes/ckpt'  # a MoCHA.save_pretrained directory (train.py writes out_dir/ckpt)
     out_dir = ''  # answers + results.json; '' means {ckpt_dir}/eval_{benchmark}
     # what to evaluate
-    benchmark = 'shapes'  # 'shapes' (all three shapes benchmarks) | 'pope' | 'gqa' | 'mme'
+    benchmark = 'shapes'  # 'shapes' (the shapes benchmarks) | 'pope' | 'gqa' | 'mme'
     shapes_dir = 'data/shapes'  # written by `python shapes.py`
+    shapes_benchmarks = ','.join(SHAPES_BENCHMARKS)  # benchmark='shapes' runs these; also 'gqa_words' (the text step's)
     question_file = ''  # a LLaVA question jsonl (real benchmarks; see config/eval_*.py)
     image_folder = ''
     annotation_dir = ''  # POPE: the folder of coco_pope_{random,popular,adversarial}.json
@@ -701,7 +713,8 @@ if __name__ == '__main__':
                     prompt = data.build_prompt('<image>\n' + question, tokenizer, model.config.template)
                     print(generate_answers(model, tokenizer, [prompt], [picture], max_new_tokens)[0])
         elif benchmark == 'shapes':
-            evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size, max_new_tokens, model_id)
+            evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size, max_new_tokens, model_id,
+                            shapes_benchmarks.split(','))
         else:
             files = dict(question_file=question_file, image_folder=image_folder, annotation_dir=annotation_dir,
                          questions_json=questions_json, mme_root=mme_root)

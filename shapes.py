@@ -434,15 +434,18 @@ def make_gqa(eval_dir, rng, num_images, image_px, questions_per_image=3):
     """GQA-style: LLaVA's question jsonl and GQA's testdev_balanced_questions.json with every field GQA's
     eval.py reads (types, semantic, groups, entailed), plus its choices and scene-graph files. `entailed`
     lists the image's other questions whose answers follow from this one's (program_facts); `groups.global`
-    is the kind of answer an open or choose question asks for (GQA's distribution metric), None for yes/no."""
+    is the kind of answer an open or choose question asks for (GQA's distribution metric), None for yes/no.
+    Also the same questions about the same scenes in words (scene_words, no image): the text step's GQA.
+    Returns the question records of both jsonl files."""
     images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'gqa', 'images'), 'n{:05d}.png'.format)
-    questions, gqa, choices, scenes = [], {}, {}, {}
+    questions, words_questions, gqa, choices, scenes = [], [], {}, {}, {}
     for file, scene in images:
         image_id, facts = file[:-len('.png')], {}
         for ask in rng.sample(GQA_FAMILIES, questions_per_image):
             question, answer, (structural, semantic, detailed), program = ask(scene, rng)
             question_id = str(20000000 + len(questions))
             questions.append({'question_id': question_id, 'image': file, 'text': question + SHORT_ANSWER})
+            words_questions.append({'question_id': question_id, 'text': scene_words(scene) + '\n' + question + SHORT_ANSWER})
             asks_for = program[-1]['argument'] if structural == 'query' else program[-1]['operation'].split()[-1]
             gqa[question_id] = {'imageId': image_id, 'question': question, 'answer': answer,
                                 'fullAnswer': answer, 'isBalanced': True,
@@ -458,10 +461,11 @@ def make_gqa(eval_dir, rng, num_images, image_px, questions_per_image=3):
         scenes[image_id] = scene_graph(scene, image_px)
     gqa_dir = os.path.join(eval_dir, 'gqa')
     write_jsonl(os.path.join(gqa_dir, 'llava_gqa_testdev_balanced.jsonl'), questions)
+    write_jsonl(os.path.join(gqa_dir, 'llava_gqa_testdev_balanced_words.jsonl'), words_questions)
     write_json(os.path.join(gqa_dir, 'testdev_balanced_questions.json'), gqa)
     write_json(os.path.join(gqa_dir, 'testdev_balanced_choices.json'), choices)
     write_json(os.path.join(gqa_dir, 'testdev_balanced_sceneGraphs.json'), scenes)
-    return questions
+    return questions, words_questions
 
 
 def mme_pair(subtask, scene, rng):
@@ -561,6 +565,10 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
       eval/gqa/testdev_balanced_sceneGraphs.json  {imageId: {width, height, objects: {id: {name, x, y, w, h,
                                             attributes: [colour, size], relations: []}}}}
       eval/gqa/images/nNNNNN.png
+      eval/gqa/llava_gqa_testdev_balanced_words.jsonl   the same questions (same ids, scored by the same
+                                            testdev_balanced_questions.json) about the same scenes written in
+                                            words, as text.json writes them: {question_id, text: scene_words +
+                                            '\\n' + question}, no image. What the text step learnt, per family
       eval/mme/llava_mme.jsonl              {question_id: '<subtask>/images/NNNN.png#k', image (the same
                                             without '#k', relative to MME_Benchmark_release_version), text,
                                             category: subtask}; k = line of the question in its txt
@@ -577,11 +585,11 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
                                            questions_per_image, caption_prob)
     text = make_text_data(out_dir, stream('text'), num_text_conversations, questions_per_image, caption_prob)
     pope = make_pope(eval_dir, stream('pope'), num_pope_images, image_px)
-    gqa = make_gqa(eval_dir, stream('gqa'), num_gqa_images, image_px)
+    gqa, gqa_words = make_gqa(eval_dir, stream('gqa'), num_gqa_images, image_px)
     mme = make_mme(eval_dir, stream('mme'), num_mme_images, image_px)
     texts = [SYSTEM, 'USER: ASSISTANT:', ' '.join(NUMBER_WORDS), '0 1 2 3 4 5 6 7 8 9']
     texts += [turn['value'] for sample in pretrain + instruct + text for turn in sample['conversations']]
-    texts += [q['text'] for q in pope + gqa + mme]
+    texts += [q['text'] for q in pope + gqa + gqa_words + mme]
     tokenizer = build_word_tokenizer(texts)
     tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
     summary = dict(pretrain=len(pretrain), instruct=len(instruct), text=len(text), pope=len(pope), gqa=len(gqa),

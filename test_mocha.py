@@ -1028,8 +1028,8 @@ def test_prepare_shapes_is_deterministic_and_complete(shapes_dir, tmp_path):
     assert files == all_files(tmp_path / 'again')
     assert all(filecmp.cmp(shapes_dir / f, tmp_path / 'again' / f, shallow=False) for f in files)
     expected = ['pretrain.json', 'instruct.json', 'text.json', 'tokenizer/tokenizer.json', 'eval/pope/llava_pope_test.jsonl',
-                'eval/gqa/llava_gqa_testdev_balanced.jsonl', 'eval/gqa/testdev_balanced_questions.json',
-                'eval/mme/llava_mme.jsonl']
+                'eval/gqa/llava_gqa_testdev_balanced.jsonl', 'eval/gqa/llava_gqa_testdev_balanced_words.jsonl',
+                'eval/gqa/testdev_balanced_questions.json', 'eval/mme/llava_mme.jsonl']
     expected += [f'eval/pope/coco/coco_pope_{split}.json' for split in ('random', 'popular', 'adversarial')]
     expected += [f'eval/mme/MME_Benchmark_release_version/{subtask}/{kind}/0000.{ext}'
                  for subtask in ('existence', 'count', 'position', 'color')
@@ -1114,6 +1114,27 @@ def test_shapes_gqa_and_mme_files(shapes_dir):
             lines = [line.rstrip('\n').split('\t') for line in f]
         assert [answer for _, answer in lines] == ['Yes', 'No']
         assert q['text'] in [question for question, _ in lines] and q['text'].endswith(' Please answer yes or no.')
+
+
+def test_shapes_gqa_in_words_asks_the_same_questions_about_the_same_scenes(shapes_dir):
+    """The text step's benchmark: each GQA question again, its image replaced by the scene in words, which are
+    read back here from the scene graph (cell from the box centre, 3x3 grid of the 64 px image)."""
+    questions = read_jsonl(shapes_dir / 'eval/gqa/llava_gqa_testdev_balanced.jsonl')
+    in_words = read_jsonl(shapes_dir / 'eval/gqa/llava_gqa_testdev_balanced_words.jsonl')
+    graphs = json.loads((shapes_dir / 'eval/gqa/testdev_balanced_sceneGraphs.json').read_text())
+    assert [q['question_id'] for q in in_words] == [q['question_id'] for q in questions]
+    tokenizer = AutoTokenizer.from_pretrained(str(shapes_dir / 'tokenizer'))
+    for question, worded in zip(questions, in_words):
+        assert 'image' not in worded
+        words, asked = worded['text'].split('\n', 1)
+        assert asked == question['text']
+        cells = ['empty'] * 9
+        for obj in graphs[question['image'].removesuffix('.png')]['objects'].values():
+            row, col = (int((obj[c] + obj[d] / 2) // (64 / 3)) for c, d in (('y', 'h'), ('x', 'w')))
+            color, size = obj['attributes']
+            cells[row * 3 + col] = f"{size}_{color}_{obj['name']}"
+        assert words == ' '.join(cells)
+        assert tokenizer.unk_token_id not in tokenizer(worded['text'])['input_ids']
 
 
 def test_shapes_gqa_has_every_field_gqa_eval_reads(shapes_dir):
@@ -2024,8 +2045,11 @@ def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
          '--num_workers=0 --batch_size=4 --max_steps=2 --val_fraction=0'], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = json.loads((out / 'ablation.json').read_text())
-    assert list(table) == ['mlp', 'upcycled']
-    for row in table.values():
+    assert list(table) == ['lm', 'mlp', 'upcycled']
+    # the text step's row: GQA in words only (no image benchmark ran on it), per seed
+    assert set(table['lm']['per_seed']) == {'0', '1'} and table['lm']['mean']['pope_mean'] is None
+    assert all(0 <= table['lm']['per_seed'][seed]['words_gqa'] <= 100 for seed in ('0', '1'))
+    for row in (table['mlp'], table['upcycled']):
         assert row['seeds'] == [0, 1] and set(row['per_seed']) == {'0', '1'}
         assert list(row['mean']) == list(row['std']) == list(ablate.METRICS)
         for name in ablate.METRICS:

@@ -39,6 +39,7 @@ log_interval = 10          # optimizer steps
 save_interval = 1000       # optimizer steps; the end of the run always saves
 stop_at_step = 0           # stop (and save) after this many steps, as if the job were killed; 0 = never
 eval_shapes_at_end = False # score the shapes benchmarks with eval.py when training ends
+shapes_benchmarks = 'pope,gqa,mme'  # which ones (eval.SHAPES_BENCHMARKS; 'gqa_words': GQA about scenes in words)
 export_llm = False         # when training ends, also save the LLM alone, HF format, to out_dir/llm (config/shapes_lm.py)
 eval_interval = 0          # optimizer steps between validation losses (and one at the end); 0 = never
 eval_iters = 0             # batches per validation loss; 0 = the whole held-out slice
@@ -508,6 +509,7 @@ if export_llm and master and step + 1 == total_steps:
 if eval_shapes_at_end and step + 1 == total_steps:
     from eval import evaluate_shapes
     raw_model.eval()
-    evaluate_shapes(raw_model, tokenizer_, os.path.dirname(data_json), os.path.join(out_dir, 'eval'))
+    evaluate_shapes(raw_model, tokenizer_, os.path.dirname(data_json), os.path.join(out_dir, 'eval'),
+                    benchmarks=shapes_benchmarks.split(','))
 if distributed:
     dist.destroy_process_group()
