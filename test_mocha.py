@@ -1624,6 +1624,18 @@ def run_train(shapes, out_dir, *overrides, nproc=1, with_output=False):
     return load_file(f'{out_dir}/ckpt/model.safetensors'), losses
 
 
+def test_train_checks_the_shapes_benchmarks_files_before_it_trains(tmp_path):
+    """A data/shapes written by an older shapes.py lacks the GQA in words: config/shapes_lm.py says so at once,
+    not after its text step."""
+    (tmp_path / 'eval').mkdir()
+    result = subprocess.run([sys.executable, 'train.py', 'config/shapes_lm.py', f'--data_json={tmp_path}/text.json',
+                             '--prepare_shapes_data=False', f'--out_dir={tmp_path}/out'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert 'gqa_words needs' in result.stderr and 'llava_gqa_testdev_balanced_words.jsonl' in result.stderr
+    assert not (tmp_path / 'out' / 'ckpt').exists()
+
+
 def run_dry(*overrides):
     command = [sys.executable, 'train.py', 'config/shapes.py', '--dry_run=True', '--prepare_shapes_data=False',
                '--llm=tiny', '--llm_source=tiny', *overrides]

@@ -149,6 +149,16 @@ if prepare_shapes_data:
                                 f"by `python train.py config/shapes_lm.py`")
     if distributed:
         dist.barrier()
+if eval_shapes_at_end and not dry_run:  # the benchmarks' files are checked now, not after hours of training
+    from eval import shapes_files
+    shapes_benchmark_files = shapes_files(os.path.dirname(data_json))
+    for benchmark in shapes_benchmarks.split(','):
+        if benchmark not in shapes_benchmark_files:
+            raise ValueError(f"shapes_benchmarks: unknown {benchmark!r}, expected some of {list(shapes_benchmark_files)}")
+        missing = [path for path in shapes_benchmark_files[benchmark].values() if not os.path.exists(path)]
+        if missing:
+            raise FileNotFoundError(f"eval_shapes_at_end: {benchmark} needs {missing}, which is not there (written by "
+                                    f"an older shapes.py? delete {os.path.dirname(data_json)} and run `python shapes.py`)")
 
 model_config = MoCHAConfig(
     encoders=tuple(encoders), encoder_source=encoder_source,
