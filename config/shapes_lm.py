@@ -15,6 +15,6 @@ eval_shapes_at_end = True
 shapes_benchmarks = 'gqa_words'  # the shapes GQA's questions about its scenes written in words: per family (README)
 epochs = 2                     # 4 900 steps (39 200 conversations after the held-out 2 %). One epoch left each
                                # seed with its own subset of skills (GQA in words), and the image step followed;
-                               # two: POPE >= 92 on every split of 3 seeds (README, "Shapes results")
+                               # two: POPE >= 90 on every split of 5 seeds (README, "Shapes results")
 max_steps = 0                  # not config/shapes.py's cut: all of those epochs
 eval_interval = 500
