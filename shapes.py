@@ -298,9 +298,13 @@ def save_scenes(rng, count, image_px, folder, name):
     return saved
 
 
-def question_turns(scene, rng, questions_per_image, caption_prob):
-    """(question, answer) turns about one scene: a few question families, then a caption turn at caption_prob"""
+def question_turns(scene, rng, questions_per_image, caption_prob, always=()):
+    """(question, answer) turns about one scene: a few question families, plus each family in `always` that
+    was not drawn (then all in a random order), then a caption turn at caption_prob"""
     families = rng.sample(INSTRUCT_FAMILIES, rng.randint(*questions_per_image))
+    if always:
+        families += [ask for ask in always if ask not in families]
+        rng.shuffle(families)
     turns = [instruct_turn(*ask(scene, rng)[:2], rng) for ask in families]
     if rng.random() < caption_prob:
         turns.append((rng.choice(DESCRIBE), caption(scene)))
@@ -316,13 +320,20 @@ def scene_words(scene):
     return ' '.join(words)
 
 
+TEXT_ALWAYS = (ask_where, ask_side)  # position in every text conversation: with 3-5 of 10 families drawn at random,
+# 5 seeds in 2 learnt neither "where" nor the yes/no side question in words, nor then on images (README, "Shapes
+# results"); asked in every conversation, both were learnt on those seeds too.
+
+
 def make_text_data(out_dir, rng, num_conversations, questions_per_image, caption_prob):
     """text.json: instruct.json's conversations about new scenes that are written, not drawn: the scene's
-    words stand where '<image>' would. It is the tiny LM's pretraining (config/shapes_lm.py), no image in it."""
+    words stand where '<image>' would, and each also asks the TEXT_ALWAYS families. It is the tiny LM's
+    pretraining (config/shapes_lm.py), no image in it."""
     text = []
     for i in range(num_conversations):
         scene = sample_scene(rng, image_px=64)  # the pixel size only scales radii: the words do not show them
-        conversations = conversation(question_turns(scene, rng, questions_per_image, caption_prob), image=False)
+        turns = question_turns(scene, rng, questions_per_image, caption_prob, always=TEXT_ALWAYS)
+        conversations = conversation(turns, image=False)
         conversations[0]['value'] = scene_words(scene) + '\n' + conversations[0]['value']
         text.append({'id': f'text_scene_{i:06d}', 'conversations': conversations})
     write_json(os.path.join(out_dir, 'text.json'), text)

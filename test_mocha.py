@@ -1668,6 +1668,23 @@ def test_text_json_writes_each_scene_as_nine_words_the_tokenizer_keeps_whole(sma
         assert len(ids) == 9 and tokenizer.unk_token_id not in ids
 
 
+def test_text_json_asks_position_in_every_conversation_and_the_image_data_does_not(small_shapes):
+    """shapes.TEXT_ALWAYS: every text.json conversation asks "where is ..." and a yes/no side question, so that the
+    tiny LM learns position on every seed; instruct.json (the image step) keeps the 3-5 random families."""
+    side_endings = tuple(f' {phrase}?' for phrase in shapes.SIDES.values())
+
+    def position_questions(sample):
+        lines = [line for turn in sample['conversations'] if turn['from'] == 'human' for line in turn['value'].split('\n')]
+        questions = [line.split('?')[0] + '?' for line in lines if '?' in line]  # no scene words, no suffix
+        return (sum(q.startswith('Where is the ') for q in questions),
+                sum(q.startswith('Is the ') and q.endswith(side_endings) for q in questions))
+
+    text = json.loads((small_shapes / 'text.json').read_text())
+    assert all(position_questions(sample) == (1, 1) for sample in text)  # once each: rng.sample draws no repeats
+    instruct = [s for s in json.loads((small_shapes / 'instruct.json').read_text()) if 'image' in s]
+    assert any(position_questions(sample) == (0, 0) for sample in instruct)
+
+
 def test_export_llm_saves_the_trained_llm_as_a_folder_that_config_shapes_loads(small_shapes, tmp_path):
     """config/shapes_lm.py's export_llm: the LM of the final checkpoint as an HF folder; a MoCHA whose llm names
     that folder ('pretrained', as config/shapes.py does) starts from exactly those weights."""

@@ -13,8 +13,9 @@ llm_source = 'tiny'
 export_llm = True              # out/shapes-lm/llm: the HF folder config/shapes.py names as its llm
 eval_shapes_at_end = True
 shapes_benchmarks = 'gqa_words'  # the shapes GQA's questions about its scenes written in words: per family (README)
-epochs = 2                     # 4 900 steps (39 200 conversations after the held-out 2 %). One epoch left each
+epochs = 3                     # 7 350 steps (39 200 conversations after the held-out 2 %). One epoch left each
                                # seed with its own subset of skills (GQA in words), and the image step followed;
-                               # two: POPE >= 90 on every split of 5 seeds (README, "Shapes results")
+                               # two learnt existence on 5 seeds in 5 but position on 3; three, with position
+                               # in every conversation (shapes.TEXT_ALWAYS), both (README, "Shapes results")
 max_steps = 0                  # not config/shapes.py's cut: all of those epochs
 eval_interval = 500
