@@ -134,6 +134,21 @@ def run(variant, seed, extra, threads):
     return run_dir
 
 
+def sources(variant, seed, extra, checkpoint_of):
+    """The runs (variant, seed) starts from: its seed's LM, and the run of this table whose checkpoint it
+    upcycles (checkpoint_of: ckpt dir -> (variant, seed)). A source that is neither on disk nor in this
+    table is an error now, not after hours of other runs."""
+    if variant == 'lm':
+        return []
+    command = train_command(variant, seed, extra)[1]
+    upcycled = [o.split('=', 1)[1] for o in command if o.startswith('--upcycle_from=')]
+    for source in upcycled:
+        if not os.path.isdir(source) and source not in checkpoint_of:
+            raise FileNotFoundError(f"{variant} seed {seed} upcycles {source}, which neither exists nor is "
+                                    f"trained by this table: add the variant it comes from to --variants")
+    return [('lm', seed)] * bool(lm_config) + [checkpoint_of[s] for s in upcycled if s in checkpoint_of]
+
+
 def mean_std(values):
     """Mean and sample standard deviation (n - 1) of the seeds' values; std None for one seed."""
     values = [v for v in values if v is not None]
@@ -186,20 +201,25 @@ if __name__ == '__main__':
     waves = [[('lm', s) for s in seed_list if lm_config],
              [(v, s) for v in chosen for s in seed_list if '{out_dir}' not in ' '.join(VARIANTS[v])],
              [(v, s) for v in chosen for s in seed_list if '{out_dir}' in ' '.join(VARIANTS[v])]]
-    first_checkpoints = {os.path.join(train_command(v, s, extra)[0], 'ckpt') for v, s in waves[1]}
-    for variant, seed in waves[2]:  # a missing upcycling source is an error now, not after the first wave
-        command = train_command(variant, seed, extra)[1]
-        for source in [o.split('=', 1)[1] for o in command if o.startswith('--upcycle_from=')]:
-            if not os.path.isdir(source) and source not in first_checkpoints:
-                raise FileNotFoundError(f"{variant} seed {seed} upcycles {source}, which neither exists nor is "
-                                        f"trained by this table: add the variant it comes from to --variants")
+    checkpoint_of = {os.path.join(train_command(v, s, extra)[0], 'ckpt'): (v, s) for v, s in waves[1]}
+
+    dependencies = {task: sources(*task, extra, checkpoint_of) for wave in waves for task in wave}
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    runs = {v: {} for v in ['lm'] * bool(lm_config) + chosen}
-    for wave in waves:
-        with ThreadPoolExecutor(jobs) as pool:
-            run_dirs = pool.map(lambda vs: run(*vs, extra, threads), wave)
-            for (variant, seed), run_dir in zip(wave, run_dirs):
-                runs[variant][seed] = run_metrics(run_dir)
+    futures = {}
+
+    def run_after(variant, seed):
+        # each run waits only for its own sources, not for a whole wave: seed 0's variants start while
+        # seed 4's LM trains. Tasks start in submission order, so a source is running or done by now.
+        for source in dependencies[variant, seed]:
+            futures[source].result()
+        return run(variant, seed, extra, threads)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for task in dependencies:  # in wave order
+            futures[task] = pool.submit(run_after, *task)
+        runs = {v: {} for v in ['lm'] * bool(lm_config) + chosen}
+        for (variant, seed), future in futures.items():
+            runs[variant][seed] = run_metrics(future.result())
     table = ablation_table(runs, extra)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'ablation.json'), 'w') as f:

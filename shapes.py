@@ -559,7 +559,8 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
       instruct.json                         stage 2: 3-6 turn QA (existence, colour, shape, count, position,
                                             size) + text-only samples (no "image" key)
       text.json                             the tiny LM's pretraining (config/shapes_lm.py): the same kind of
-                                            conversations about scenes written as 9 words (scene_words), no images
+                                            conversations about scenes written as 9 words (scene_words), no images,
+                                            each also asking "where" and the side question (TEXT_ALWAYS)
       tokenizer/                            word-level HF tokenizer (AutoTokenizer.from_pretrained)
       eval/pope/llava_pope_test.jsonl       {question_id (int), image, text, category: random|popular|adversarial}
       eval/pope/coco/coco_pope_{random,popular,adversarial}.json

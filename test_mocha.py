@@ -2095,6 +2095,24 @@ def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
     assert (out / 'lm/seed0/llm/config.json').exists() and (out / 'lm/seed1/llm/config.json').exists()
 
 
+def test_ablate_starts_each_run_after_its_own_sources_only(tmp_path, monkeypatch):
+    """ablate.sources: a run waits for its seed's LM and for the run it upcycles, nothing else, so seed 0's
+    variants train while a later seed's LM still does (no barrier between waves); an upcycling source that is
+    neither on disk nor in the table fails before any run starts."""
+    import ablate
+    monkeypatch.setattr(ablate, 'out_dir', str(tmp_path))
+    monkeypatch.setattr(ablate, 'lm_config', 'config/shapes_lm.py')
+    checkpoint_of = {os.path.join(ablate.train_command(v, s, [])[0], 'ckpt'): (v, s) for v in ('mlp', 'full')
+                     for s in (0, 1)}
+    assert ablate.sources('lm', 1, [], checkpoint_of) == []
+    assert ablate.sources('full', 1, [], checkpoint_of) == [('lm', 1)]
+    assert ablate.sources('upcycled', 1, [], checkpoint_of) == [('lm', 1), ('mlp', 1)]
+    with pytest.raises(FileNotFoundError, match='upcycled seed 2 upcycles'):
+        ablate.sources('upcycled', 2, [], checkpoint_of)
+    monkeypatch.setattr(ablate, 'lm_config', '')  # --lm_config= : no text step, so nothing to wait for but the upcycled MLP
+    assert ablate.sources('upcycled', 0, [], checkpoint_of) == [('mlp', 0)]
+
+
 # -----------------------------------------------------------------------------
 # full size: the real widths, vocabularies, resolution and token counts, one layer per tower
 
