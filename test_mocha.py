@@ -2015,6 +2015,33 @@ def test_a_training_batch_without_images_gives_the_connectors_zero_gradients(tin
     tiny_mocha.zero_grad(set_to_none=True)
 
 
+def test_text_training_with_the_image_path_frozen_skips_the_blank_image(tiny_mocha):
+    """config/shapes_lm.py trains the LM alone (train_connectors=False): with nothing of the image path to
+    keep in step, no blank image runs through the encoders, and only the LM gets gradients."""
+    calls = []
+    hook = tiny_mocha.encoders.register_forward_hook(lambda *args: calls.append(1))
+    image_path = [tiny_mocha.encoders, tiny_mocha.moecs, tiny_mocha.hga]
+    flags = {p: p.requires_grad for p in tiny_mocha.parameters()}  # the module-scoped fixture's, restored after
+    try:
+        tiny_mocha.train()
+        tiny_mocha.zero_grad(set_to_none=True)
+        for part in image_path:
+            part.requires_grad_(False)
+        ids, mask = batch_of([[3, 8, 9, 10], [3, 8, 9]])
+        tiny_mocha(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX))['loss'].backward()
+        assert calls == []
+        assert all(p.grad is None for part in image_path for p in part.parameters())
+        assert all(p.grad is not None for p in tiny_mocha.llm.parameters())
+        tiny_mocha.moecs.requires_grad_(True)  # one trainable part of the image path: the blank image runs
+        tiny_mocha(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX))['loss'].backward()
+        assert calls == [1]
+    finally:
+        hook.remove()
+        tiny_mocha.zero_grad(set_to_none=True)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
 def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_path):
     args = ('--max_steps=6', '--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json',
             '--train_encoders=True', '--encoder_lr_scale=0.5')  # two optimizer param groups

@@ -63,6 +63,7 @@ encoder_source = 'pretrained'
 encoder_resolution = 336    # one side for every encoder, or a tuple in ENCODER_ORDER
 image_size = 336
 train_encoders = False
+train_connectors = True    # False: the LLM alone, on text (config/shapes_lm.py): no image path to keep in step
 encoder_lr_scale = 1.0     # trained encoders learn at learning_rate * this
 feature_layer = -2
 fusion = 'sequence'
@@ -102,6 +103,8 @@ for name, allowed in (('parallel', ('ddp', 'fsdp')), ('stage', (1, 2)), ('templa
                       ('dtype', ('float32', 'bfloat16', 'float16'))):
     if config[name] not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {config[name]!r}")
+if stage == 1 and not train_connectors:
+    raise ValueError("stage 1 trains the connectors alone: train_connectors=False leaves nothing to train")
 
 # distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE
 distributed = int(os.environ.get('RANK', -1)) != -1
@@ -216,7 +219,7 @@ if upcycle_from and init_from != 'resume':  # paper Table 4: each MLP connector 
 
 # stage 1 trains the MoECs; stage 2 the MoECs and the LLM. Encoders only with train_encoders.
 model.requires_grad_(False)
-model.moecs.requires_grad_(True)
+model.moecs.requires_grad_(train_connectors)
 model.llm.requires_grad_(stage == 2)
 model.encoders.requires_grad_(train_encoders)
 if gradient_checkpointing:

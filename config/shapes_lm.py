@@ -4,12 +4,15 @@
 # 1 000-2 000 steps, at a step that varies from seed to seed (README, "Shapes results"); on images those steps
 # cost the encoders, MoECs and HGA too. Here it learns that on text.json: the same kind of conversations about
 # scenes written as 9 words, one per cell ('empty large_red_circle ...'), where '<image>' would stand.
-# The rest of MoCHA is built and saved but gets no gradient (no images); export_llm keeps the LM alone.
+# The rest of MoCHA is built and saved but not trained (train_connectors, train_encoders); export_llm keeps
+# the LM alone.
 exec(open('config/shapes.py').read())  # the same world, template, tokenizer and optimizer; what differs:
 out_dir = 'out/shapes-lm'
 data_json = 'data/shapes/text.json'
 llm = 'tiny'                   # a random tiny Llama (mocha.TINY_LLM)
 llm_source = 'tiny'
+train_connectors = False       # the LM alone: no blank image through the image path every step
+train_encoders = False
 export_llm = True              # out/shapes-lm/llm: the HF folder config/shapes.py names as its llm
 eval_shapes_at_end = True
 shapes_benchmarks = 'gqa_words'  # the shapes GQA's questions about its scenes written in words: per family (README)
