@@ -217,7 +217,8 @@ if upcycle_from and init_from != 'resume':  # paper Table 4: each MLP connector 
         model.moecs[name].upcycle_from(mlp)
     log(f"upcycled every expert of the {', '.join(mlps)} connector(s) from {upcycle_from}")
 
-# stage 1 trains the MoECs; stage 2 the MoECs and the LLM. Encoders only with train_encoders.
+# stage 1 trains the MoECs; stage 2 the MoECs and the LLM (the LLM alone with train_connectors=False).
+# Encoders only with train_encoders.
 model.requires_grad_(False)
 model.moecs.requires_grad_(train_connectors)
 model.llm.requires_grad_(stage == 2)
