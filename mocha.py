@@ -541,9 +541,9 @@ class MoCHA(nn.Module):
         lm_loss = lm_loss / (num_target_tokens or (targets != IGNORE_INDEX).sum().clamp(min=1))
         # Eq. 10: L = L_lm + 0.1 sum_g L_balance + 0.01 sum_g L_z
         loss = lm_loss + self.config.balance_coef * balance_loss + self.config.z_coef * z_loss
-        image_path_trains = any(p.requires_grad for part in (self.encoders, self.moecs, self.hga)
-                                for p in part.parameters())
-        if self.training and torch.is_grad_enabled() and image_path_trains and (images is None or len(images) == 0):
+        no_image = images is None or len(images) == 0
+        if self.training and torch.is_grad_enabled() and no_image and any(  # is any of the image path trained?
+                p.requires_grad for part in (self.moecs, self.encoders, self.hga) for p in part.parameters()):
             # no image: the connectors (and trained encoders) would be out of the graph. FSDP reduce-scatters
             # the gradients each process holds, so every process must hold the same ones (or the run dies on
             # a size mismatch): the image path runs on one blank image, weighted 0 (zero gradients, same loss)
