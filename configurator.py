@@ -4,9 +4,10 @@ Poor man's configurator, after nanoGPT. Run from a script with
     exec(open('configurator.py').read())
 
 and call the script as `python train.py config/shapes.py --batch_size=8`.
-Each config file is plain Python executed over the script's globals; each
-`--key=value` overrides one existing global, with the value parsed as a
-Python literal when it is one and required to keep the default's type.
+Each config file is plain Python executed over the script's globals, and may only
+assign globals the script already has; each `--key=value` overrides one existing
+global, with the value parsed as a Python literal when it is one and required to
+keep the default's type.
 """
 import sys
 from ast import literal_eval
@@ -18,7 +19,12 @@ for arg in sys.argv[1:]:
         print(f"Overriding config with {arg}:")
         with open(arg) as f:
             print(f.read())
+        _known = set(globals())
         exec(open(arg).read())
+        # a name the script does not have is a typo (learnig_rate = ...) that would otherwise change nothing
+        _unknown = sorted(k for k in set(globals()) - _known if not k.startswith('_') and type(globals()[k]) != type(sys))
+        if _unknown:
+            raise ValueError(f"{arg}: unknown config keys {_unknown}")
     else:
         assert arg.startswith('--'), f"expected --key=value, got {arg!r}"
         key, val = arg[2:].split('=', 1)

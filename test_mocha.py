@@ -988,6 +988,26 @@ def test_truncation_cuts_the_tail_and_keeps_the_placeholder(tmp_path, word_token
                         max_length=tight)[0] is None
 
 
+def test_length_grouped_batches_hold_samples_of_about_the_same_length():
+    """train.py's group_by_length: each batch is a slice of one group of batches sorted longest first, every
+    sample of the whole batches is kept once, the batches are shuffled, and the padding is much less."""
+    rng = torch.Generator().manual_seed(0)
+    lengths = {i: int(n) for i, n in enumerate(torch.randint(5, 300, (1000,), generator=rng))}
+    order = torch.randperm(1000, generator=rng).tolist()
+    grouped = data.length_grouped(order, lengths, 16, 10, torch.Generator().manual_seed(1))
+    assert grouped == data.length_grouped(order, lengths, 16, 10, torch.Generator().manual_seed(1))
+    whole = 1000 // 16 * 16
+    assert sorted(grouped) == sorted(order[:whole])
+    batches = [grouped[b:b + 16] for b in range(0, whole, 16)]
+    expected = []
+    for start in range(0, whole, 160):  # groups of 10 batches, the last one of 2
+        group = sorted(order[start:min(start + 160, whole)], key=lambda i: -lengths[i])
+        expected += [group[b:b + 16] for b in range(0, len(group), 16)]
+    assert sorted(batches) == sorted(expected) and batches != expected
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded(batches) < 0.7 * padded([order[b:b + 16] for b in range(0, whole, 16)])
+
+
 def test_collate_pads_right_and_masks(word_tokenizer):
     pad = word_tokenizer.pad_token_id
     image = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
@@ -1767,6 +1787,20 @@ def test_every_command_shown_names_real_files_keys_and_paths(small_shapes):
                     assert (small_shapes / value.removeprefix('data/shapes/')).exists(), (where, value)
 
 
+def test_a_config_file_may_only_set_keys_its_script_has(tmp_path):
+    """configurator.py: a misspelt key in a config file stops the run, where it would have changed nothing;
+    and every shipped config sets only keys of the script its header names (eval.py for eval_*)."""
+    (tmp_path / 'typo.py').write_text("import math\nlearning_rate = math.sqrt(1e-8)\nlearnig_rate = 1e-4\n")
+    result = subprocess.run([sys.executable, 'train.py', str(tmp_path / 'typo.py')],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'typo.py'}: unknown config keys ['learnig_rate']" in result.stderr  # not 'math'
+    for config in glob.glob('config/*.py'):
+        script = 'eval.py' if os.path.basename(config).startswith('eval_') else 'train.py'
+        assigned = set(re.findall(r'^(\w+) = ', open(config).read(), re.M))
+        assert assigned and assigned <= config_names(script), (config, assigned - config_names(script))
+
+
 def test_dry_run_shows_the_template_and_fails_on_skipped_samples(small_shapes, llama_tokenizers, tmp_path):
     """train.py --dry_run=True prints samples piece by piece with learned pieces marked, the visual-token
     count and the length distribution, and exits non-zero when too many samples are skipped; it builds
@@ -1968,8 +2002,9 @@ def test_metrics_plot_and_explain_from_a_short_run(small_shapes, tmp_path):
 
 
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_shapes, tmp_path):
-    _, one = run_train(small_shapes, tmp_path / 'one', '--batch_size=4')
-    _, two = run_train(small_shapes, tmp_path / 'two', '--batch_size=2', nproc=2)
+    """group_by_length sorts whole global batches (4 samples here, from one process or two) by length."""
+    _, one = run_train(small_shapes, tmp_path / 'one', '--batch_size=4', '--group_by_length=2')
+    _, two = run_train(small_shapes, tmp_path / 'two', '--batch_size=2', '--group_by_length=2', nproc=2)
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, abs=1e-4)
 

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
-from data import TEMPLATES, LLaVADataset, collate, dry_run_report
+from data import TEMPLATES, LLaVADataset, collate, dry_run_report, length_grouped
 from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig, collapsed_experts, count_flops
 
 # -----------------------------------------------------------------------------
@@ -56,6 +56,8 @@ on_bad_sample = 'skip'     # 'skip' (and count) | 'error'
 dry_run = False            # print samples token by token, lengths and skips, then exit; loads no weights
 max_skipped_fraction = 0.01  # dry_run exits non-zero when more samples than this are skipped
 num_workers = 4
+group_by_length = 0        # batches of samples of about the same length, sorted in runs of this many batches
+                           # (less padding); 0 = off, the samples in shuffled order
 # model
 stage = 1                  # 1: MoECs (align); 2: MoECs + LLM (instruct)
 encoders = ENCODER_ORDER
@@ -244,6 +246,7 @@ steps_per_epoch = micro_steps_per_epoch // gradient_accumulation_steps
 total_steps = max_steps or steps_per_epoch * epochs
 assert total_steps > 0, f"{len(train_indices)} samples make no optimizer step of {batch_size}x{world_size}x{gradient_accumulation_steps}"
 warmup_steps = math.ceil(warmup_ratio * total_steps)
+train_lengths = {i: dataset.estimated_length(i) for i in train_indices} if group_by_length else None
 
 
 def batches_of(indices):
@@ -269,8 +272,11 @@ def batches_from(step):
     micro_step = step * gradient_accumulation_steps
     while True:
         epoch, start = divmod(micro_step, micro_steps_per_epoch)
-        order = torch.randperm(len(train_indices), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        per_process = [train_indices[i] for i in order[rank::world_size][:micro_steps_per_epoch * batch_size]]
+        shuffle = torch.Generator().manual_seed(seed + epoch)
+        order = [train_indices[i] for i in torch.randperm(len(train_indices), generator=shuffle).tolist()]
+        if group_by_length:  # whole global batches (all processes' micro-batches) of about the same length
+            order = length_grouped(order, train_lengths, batch_size * world_size, group_by_length, shuffle)
+        per_process = order[rank::world_size][:micro_steps_per_epoch * batch_size]
         for batch in batches_of(per_process[start * batch_size:]):
             yield batch
             micro_step += 1
