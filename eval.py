@@ -333,7 +333,8 @@ def image_path(question, image_folder, question_file):
     return path
 
 def answer_questions(model, tokenizer, question_file, image_folder, answers_file, template=None,
-                     batch_size=8, max_new_tokens=128, image_size=None, model_id='nanomocha', routing=None):
+                     batch_size=8, max_new_tokens=128, image_size=None, model_id='nanomocha', routing=None,
+                     weights=None):
     """Answer a LLaVA question jsonl ({question_id, image?, text}) into a LLaVA answers jsonl
     ({question_id, prompt, text, answer_id, model_id, metadata}), in question order.
     Resumable: questions already answered in answers_file (or in shard files left by an interrupted run)
@@ -342,13 +343,19 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     and deletes the shards. Ranks share out whole batches, so every batch (its padding included) is the
     same for any number of ranks, and answer_id is the question's line index: runs with any number of
     ranks write the same file. template / image_size default to the model's config.
-    routing: None, or expert_usage_sums(model), to which each batch's routing statistics are added."""
+    routing: None, or expert_usage_sums(model), to which each batch's routing statistics are added.
+    weights: what names the weights answering (checkpoint_stamp of their checkpoint), kept beside the answers in
+    answers_file + '.weights': answers from other weights (a checkpoint retrained into the same out_dir) are
+    renamed *.other and the questions answered again, never resumed. None: no check."""
     template = template or model.config.template
     image_size = image_size or model.config.image_size
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     questions = read_jsonl(question_file)
     question_keys = list(index_by(questions, question_key, question_file))
+    if rank == 0 and weights is not None:
+        set_aside_answers_of_other_weights(answers_file, weights)
+    barrier()
     done = set()
     for path in [answers_file] + answer_shards(answers_file):
         if os.path.exists(path):
@@ -388,6 +395,27 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     if rank == 0:
         merge_answer_shards(answers_file, question_keys)
     barrier()
+
+def checkpoint_stamp(ckpt_dir):
+    """Names one save of a checkpoint: its weights file's size and modification time (each save replaces the
+    file, so it changes)."""
+    info = os.stat(os.path.join(ckpt_dir, 'model.safetensors'))
+    return f'{info.st_size}:{info.st_mtime_ns}'
+
+def set_aside_answers_of_other_weights(answers_file, weights):
+    """Rename answers_file and its shards to *.other when answers_file + '.weights' names other weights (or
+    none), so that they are neither resumed nor lost; then record `weights` there."""
+    stamp_file = answers_file + '.weights'
+    answered = [p for p in [answers_file] + answer_shards(answers_file) if os.path.exists(p)]
+    recorded = open(stamp_file).read() if os.path.exists(stamp_file) else None
+    if answered and recorded != weights:
+        print(f"{answers_file}: its answers are from other weights ({recorded or 'not recorded'}, now {weights}): "
+              f"renamed *.other, answering afresh")
+        for path in answered:  # a.jsonl -> a.jsonl.other, a.jsonl.rank0 -> a.jsonl.other.rank0 (no longer a shard)
+            os.replace(path, answers_file + '.other' + path[len(answers_file):])
+    os.makedirs(os.path.dirname(answers_file) or '.', exist_ok=True)
+    with open(stamp_file, 'w') as f:
+        f.write(weights)
 
 def answer_shards(answers_file):
     return sorted(glob.glob(glob.escape(answers_file) + '.rank*'))
@@ -449,7 +477,8 @@ def expert_usage(model, routing):
     return dict(expert_usage={name: shares[i].tolist() for i, name in enumerate(model.moecs)} if images else None,
                 expert_usage_images=images)
 
-def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_new_tokens, model_id='nanomocha'):
+def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_new_tokens, model_id='nanomocha',
+                  weights=None):
     """Answer files['question_file'] into out_dir/{benchmark}_answers.jsonl and score it (rank 0; None elsewhere)."""
     if benchmark not in BENCHMARK_FILES:
         raise ValueError(f"unknown benchmark {benchmark!r}, expected one of {sorted(BENCHMARK_FILES)} or 'shapes'")
@@ -459,7 +488,8 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
     answers_file = os.path.join(out_dir, f'{benchmark}_answers.jsonl')
     routing = expert_usage_sums(model)
     answer_questions(model, tokenizer, files['question_file'], files['image_folder'], answers_file,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id, routing=routing)
+                     batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id, routing=routing,
+                     weights=weights)
     usage = expert_usage(model, routing)  # every rank takes part in its all-reduce
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
@@ -536,17 +566,17 @@ def shapes_files(shapes_dir):
 SHAPES_BENCHMARKS = ('pope', 'gqa', 'mme')
 
 def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_new_tokens=16, model_id='nanomocha',
-                    benchmarks=SHAPES_BENCHMARKS):
+                    benchmarks=SHAPES_BENCHMARKS, weights=None):
     """Answer and score the shapes benchmarks (default: the three on images; 'gqa_words' asks GQA's questions
     about the scenes written in words, which is how the text step is scored); answers and results.json go to out_dir.
-    Resumable like answer_questions, so give a fresh out_dir to a new checkpoint. Under torchrun every
+    Resumable like answer_questions (weights: as there). Under torchrun every
     rank calls it with the unwrapped model (they share the answering).
     Returns {'pope': ..., 'gqa': ..., 'mme': ...} on rank 0, None on the other ranks."""
     results = {}
     for benchmark in benchmarks:
         files = shapes_files(shapes_dir)[benchmark]
         results[benchmark] = run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
-                                           max_new_tokens, model_id)
+                                           max_new_tokens, model_id, weights)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     write_results(results, out_dir)
@@ -714,12 +744,12 @@ if __name__ == '__main__':
                     print(generate_answers(model, tokenizer, [prompt], [picture], max_new_tokens)[0])
         elif benchmark == 'shapes':
             evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size, max_new_tokens, model_id,
-                            shapes_benchmarks.split(','))
+                            shapes_benchmarks.split(','), checkpoint_stamp(ckpt_dir))
         else:
             files = dict(question_file=question_file, image_folder=image_folder, annotation_dir=annotation_dir,
                          questions_json=questions_json, mme_root=mme_root)
             results = {benchmark: run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
-                                                max_new_tokens, model_id)}
+                                                max_new_tokens, model_id, checkpoint_stamp(ckpt_dir))}
             if master_process:
                 write_results(results, out_dir)
     if ddp:

@@ -1555,6 +1555,33 @@ def test_answer_questions_resumes_without_redoing_answers(tmp_path):
     ev.answer_questions(model, tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images', str(answers_file))
     assert model.rows_answered == len(questions) - 2 and len(ev.read_jsonl(answers_file)) == len(questions)
 
+def test_answers_of_other_weights_are_set_aside_not_resumed(tmp_path):
+    """weights (eval.checkpoint_stamp of the checkpoint answering): the same weights resume their answers;
+    other weights (a checkpoint retrained into the same out_dir) move the old answers and an interrupted
+    run's shards to *.other, where no later run reads them, and answer every question again."""
+    questions, expected = make_questions(tmp_path)
+    tokenizer = make_tokenizer()
+    model = FakeMoCHA(tokenizer)
+    answers_file = str(tmp_path / 'answers.jsonl')
+    ask = lambda weights: ev.answer_questions(model, tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images',
+                                              answers_file, batch_size=2, max_new_tokens=3, weights=weights)
+    old = [answer(questions[i]['question_id'], 'old', prompt=questions[i]['text']) for i in (1, 4)]
+    write_jsonl(answers_file, old)
+    write_jsonl(answers_file + '.rank1', [answer(questions[2]['question_id'], 'old')])  # an interrupted run's
+    ask('100:1')  # answers without a record of their weights: set aside too
+    assert model.rows_answered == len(questions)
+    assert [a['text'] for a in ev.read_jsonl(answers_file)] == expected
+    assert ev.read_jsonl(answers_file + '.other') == old and os.path.exists(answers_file + '.other.rank1')
+    assert open(answers_file + '.weights').read() == '100:1' and ev.answer_shards(answers_file) == []
+    ask('100:1')  # the same weights: nothing left to answer
+    assert model.rows_answered == len(questions)
+    ask('100:2')
+    assert model.rows_answered == 2 * len(questions) and len(ev.read_jsonl(answers_file)) == len(questions)
+    (tmp_path / 'ckpt').mkdir()
+    (tmp_path / 'ckpt' / 'model.safetensors').write_bytes(b'12345')
+    assert ev.checkpoint_stamp(tmp_path / 'ckpt').startswith('5:')
+
+
 def test_missing_image_names_question_and_path(tmp_path):
     write_jsonl(tmp_path / 'questions.jsonl', [dict(question_id=17, image='gone.png', text='What?')])
     tokenizer = make_tokenizer()
@@ -1855,9 +1882,18 @@ def test_stage1_trains_only_moecs_and_stage2_starts_from_them(small_shapes, tmp_
 
     stage2_args = (f'--init_from={tmp_path}/stage1/ckpt', '--stage=2', '--template=phi',
                    f'--data_json={small_shapes}/instruct.json', '--gradient_checkpointing=True')
-    stage2_lr0, _ = run_train(small_shapes, tmp_path / 'stage2_lr0', *stage2_args, '--learning_rate=0.0')
+    stage2_lr0, _ = run_train(small_shapes, tmp_path / 'stage2', *stage2_args, '--learning_rate=0.0',
+                              '--eval_shapes_at_end=True')
     assert_same(parts(stage2_lr0, 'moecs.'), parts(stage1, 'moecs.'))        # stage 2 starts from stage 1
-    stage2, _ = run_train(small_shapes, tmp_path / 'stage2', *stage2_args, '--eval_shapes_at_end=True')
+    lr0_answers = (tmp_path / 'stage2' / 'eval' / 'pope_answers.jsonl').read_text()
+    # a new run into the same out_dir: its own losses, and its own answers (the lr0 ones set aside, not resumed)
+    stage2, losses, output = run_train(small_shapes, tmp_path / 'stage2', *stage2_args, '--eval_shapes_at_end=True',
+                                       with_output=True)
+    assert len(losses) == 3 and output.count('answering afresh') == 3
+    eval_dir = tmp_path / 'stage2' / 'eval'
+    assert (eval_dir / 'pope_answers.jsonl.other').read_text() == lr0_answers
+    assert (eval_dir / 'pope_answers.jsonl.weights').read_text() == ev.checkpoint_stamp(tmp_path / 'stage2' / 'ckpt')
+    assert len(ev.read_jsonl(eval_dir / 'pope_answers.jsonl')) == len(lr0_answers.splitlines())
     # the trained tiny checkpoint answered every shapes benchmark and all three scorers reported
     results = json.loads((tmp_path / 'stage2' / 'eval' / 'results.json').read_text())
     assert {'pope', 'gqa', 'mme'} <= set(results)

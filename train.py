@@ -408,8 +408,10 @@ def stats_record(vector):
 
 
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-if master and init_from != 'resume' and os.path.exists(metrics_path):
-    os.remove(metrics_path)  # a new run starts new curves; a resumed one appends to its own
+losses_path = os.path.join(out_dir, 'losses.txt')
+for path in (metrics_path, losses_path):
+    if master and init_from != 'resume' and os.path.exists(path):
+        os.remove(path)  # a new run starts new curves; a resumed one appends to its own
 
 
 def write_metrics(record):
@@ -512,7 +514,7 @@ for step in progress:
     if done:
         break
 if master:
-    with open(os.path.join(out_dir, 'losses.txt'), 'a') as f:
+    with open(losses_path, 'a') as f:
         f.writelines(f'{v:.6f}\n' for v in history)
     log(f"saved {ckpt_dir}")
 # every process reports its own count: under DDP/FSDP all must stop at the same step
@@ -527,9 +529,9 @@ if export_llm and master and step + 1 == total_steps:
     log(f"saved the LLM alone to {llm_dir}")
 
 if eval_shapes_at_end and step + 1 == total_steps:
-    from eval import evaluate_shapes
+    from eval import checkpoint_stamp, evaluate_shapes
     raw_model.eval()
     evaluate_shapes(raw_model, tokenizer_, os.path.dirname(data_json), os.path.join(out_dir, 'eval'),
-                    benchmarks=shapes_benchmarks.split(','))
+                    benchmarks=shapes_benchmarks.split(','), weights=checkpoint_stamp(ckpt_dir))
 if distributed:
     dist.destroy_process_group()
