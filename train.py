@@ -409,9 +409,10 @@ def stats_record(vector):
 
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 losses_path = os.path.join(out_dir, 'losses.txt')
-for path in (metrics_path, losses_path):
-    if master and init_from != 'resume' and os.path.exists(path):
-        os.remove(path)  # a new run starts new curves; a resumed one appends to its own
+if master and init_from != 'resume':  # a new run starts new curves; a resumed one appends to its own
+    for path in (metrics_path, losses_path):
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def write_metrics(record):
