@@ -7,9 +7,11 @@ mean +- std over seeds (out_dir/ablation.json and out_dir/ablation.md).
     python ablate.py --variants=mlp,full --seeds=0,1 --jobs=2
     python ablate.py --variants=full --seeds=0,1 --max_steps=50   # any other --key=value goes to train.py
 
-First, each seed pretrains its own tiny LM on text (config/shapes_lm.py into out_dir/lm/seed<k>/), as the
-two-command shapes run does; that seed's variants all start from it, as the paper's ablations share one LLM.
-The table's first row, 'lm', is that text step scored on the shapes GQA in words (the words_* columns).
+Every run starts from config/shapes.py's llm, the tiny LM pretrained on text that the repo ships
+(weights/shapes-lm), as the paper's ablations share one LLM: the seeds vary the image step alone.
+--lm_config=config/shapes_lm.py first pretrains one LM per seed (out_dir/lm/seed<k>/, about 29 min each two at
+a time) and starts that seed's variants from it, so the spread also holds the text step's; the table's first
+row, 'lm', is then that text step scored on the shapes GQA in words (the words_* columns).
 Each run writes out_dir/<variant>/seed<k>/ (checkpoint, losses.txt, train.log, eval/results.json). A run whose
 eval/results.json exists and whose train.py command is unchanged is read, not redone: delete
 its folder to redo it. The seed is train.py's `seed` (model init and data order, in both steps); the shapes
@@ -67,8 +69,9 @@ METRICS = {
 # -----------------------------------------------------------------------------
 # config: ablate.py's own keys; every other --key=value is passed to train.py
 config = 'config/shapes.py'
-lm_config = 'config/shapes_lm.py'  # each seed first pretrains its own LM on text (out_dir/lm/seed<k>), which
-                                   # every variant of that seed then starts from; '' = config's llm as it is
+lm_config = ''                     # '' = config's llm (the shipped text-pretrained LM) for every run;
+                                   # 'config/shapes_lm.py': each seed first pretrains its own LM on text
+                                   # (out_dir/lm/seed<k>), which every variant of that seed then starts from
 lm_args = ''                       # extra train.py --key=value for that LM stage, space-separated
 out_dir = 'out/ablate'
 variants = ','.join(VARIANTS)

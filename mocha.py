@@ -440,6 +440,14 @@ class MoCHA(nn.Module):
         if config.tokenizer or config.llm_source == 'pretrained':
             from transformers import AutoTokenizer
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm)
+            llm_tokenizer = os.path.join(config.llm, 'tokenizer.json')  # a local LLM folder saved with its own
+            if config.tokenizer and config.llm_source == 'pretrained' and os.path.isfile(llm_tokenizer):
+                # another vocabulary would look up the wrong embeddings without an error (a shipped shapes LM
+                # against a changed shapes world, for one)
+                if AutoTokenizer.from_pretrained(config.llm).get_vocab() != self.tokenizer.get_vocab():
+                    raise ValueError(f"tokenizer {config.tokenizer} has another vocabulary than the one the llm "
+                                     f"{config.llm} was trained with: use the llm's own tokenizer, or retrain the "
+                                     f"llm on this one (the shapes world: python train.py config/shapes_lm.py)")
         if config.llm_source == 'tiny' and self.tokenizer is None:
             raise ValueError("a tiny LLM takes its vocabulary from a tokenizer: set config.tokenizer")
         self.llm = build_llm(config.llm, config.llm_source, self.tokenizer and len(self.tokenizer),

@@ -1747,6 +1747,14 @@ def test_export_llm_saves_the_trained_llm_as_a_folder_that_config_shapes_loads(s
     exported = llm.state_dict()
     assert exported and all(torch.equal(tensor, trained['llm.' + name]) for name, tensor in exported.items())
     assert llm.config.vocab_size == len(AutoTokenizer.from_pretrained(out / 'llm'))
+    # the folder keeps the tokenizer it was trained with; a tokenizer of another vocabulary (a changed world) would
+    # look up the wrong embeddings, so it stops the build with a clear error (the same vocabulary does not)
+    MoCHA(MoCHAConfig(encoders=('siglip',), encoder_source='tiny', llm=str(out / 'llm'), llm_source='pretrained',
+                      tokenizer=str(small_shapes / 'tokenizer'), template='phi'))
+    shapes.build_word_tokenizer(['a changed world']).save_pretrained(tmp_path / 'other')
+    with pytest.raises(ValueError, match='another vocabulary than the one the llm .* was trained with'):
+        MoCHA(MoCHAConfig(encoders=('siglip',), encoder_source='tiny', llm=str(out / 'llm'), llm_source='pretrained',
+                          tokenizer=str(tmp_path / 'other'), template='phi'))
 
 
 def test_checkpoint_config_holds_exactly_the_config_globals(small_shapes, tmp_path):
@@ -2158,14 +2166,14 @@ def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path):
 
 
 def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
-    """ablate.py: each seed's LM stage on text, then 'mlp' x seeds 0 and 1, 2 steps each, two processes at once,
-    then 'upcycled' from each seed's MLP (about a minute on 2 busy cores). The seed is honest: it changes the
-    losses on the same data."""
+    """ablate.py --lm_config=config/shapes_lm.py: each seed's LM stage on text, then 'mlp' x seeds 0 and 1, 2 steps
+    each, two processes at once, then 'upcycled' from each seed's MLP (about a minute on 2 busy cores). The seed is
+    honest: it changes the losses on the same data."""
     import ablate
     out = tmp_path / 'ablate'
     result = subprocess.run(
         [sys.executable, 'ablate.py', '--variants=mlp,upcycled', '--seeds=0,1', '--jobs=2', f'--out_dir={out}',
-         f'--data_json={small_shapes}/instruct.json', f'--image_folder={small_shapes}/images',
+         '--lm_config=config/shapes_lm.py', f'--data_json={small_shapes}/instruct.json', f'--image_folder={small_shapes}/images',
          f'--tokenizer={small_shapes}/tokenizer', '--prepare_shapes_data=False', '--num_workers=0',
          '--batch_size=4', '--max_steps=2', '--train_encoders=False',
          f'--lm_args=--data_json={small_shapes}/text.json --tokenizer={small_shapes}/tokenizer --prepare_shapes_data=False '

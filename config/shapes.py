@@ -6,7 +6,8 @@
 # 5, as the encoders trained at 1/100 of the learning rate (the default until then) did, and the 1 100 image
 # steps take 5 min 26 s instead of 8 min 7 s to 8 min 41 s (README, "Shapes results"). Trained at the full
 # rate the model never learns to use the image (README, "The shapes world").
-# The LM is the tiny Llama after its text pretraining (config/shapes_lm.py, run first). From a random LM,
+# The LM is the tiny Llama after its text pretraining, shipped in weights/shapes-lm (config/shapes_lm.py's
+# output; that command rebuilds it in 19 min, then --llm=out/shapes-lm/llm names the rebuilt one). From a random LM,
 # *when* the run learnt to check the image for a named object ("is there a red circle?") varied from seed
 # to seed: POPE near chance for the first 1 000 steps, then climbing on some seeds and not on others
 # within 2 247. From the text-pretrained LM every seed checks by 1 100 steps (README, "Shapes results").
@@ -22,7 +23,7 @@ encoder_resolution = (48, 64, 48, 48)  # siglip, convnext, clip, dinov2: ViT tok
 image_size = 64
 train_encoders = False
 encoder_lr_scale = 0.01           # when trained (--train_encoders=True): at the full rate they never help
-llm = 'out/shapes-lm/llm'      # the tiny LM after its text pretraining: `python train.py config/shapes_lm.py` first
+llm = 'weights/shapes-lm'      # the shipped text-pretrained tiny LM, with the tokenizer it was trained with
 llm_source = 'pretrained'
 tokenizer = 'data/shapes/tokenizer'
 max_length = 512

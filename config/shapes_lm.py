@@ -1,5 +1,7 @@
-# The shapes world, step 1 of 2: pretrain its tiny LM on text, as MoCHA's LLMs (Phi-2, Vicuna) come pretrained.
-# Then `python train.py config/shapes.py` trains MoCHA on the images with this LM as its llm.
+# The shapes world's text step: pretrain its tiny LM on text, as MoCHA's LLMs (Phi-2, Vicuna) come pretrained.
+# The repo ships this command's output (weights/shapes-lm: seed 1337, 2 CPU threads, 19 min), which
+# config/shapes.py names as its llm; to rebuild it, run this, then
+# `python train.py config/shapes.py --llm=out/shapes-lm/llm`.
 # Why: a random LM learns to look a named object up in what it reads (is there a red circle?) only after
 # 1 000-2 000 steps, at a step that varies from seed to seed (README, "Shapes results"); on images those steps
 # cost the encoders, MoECs and HGA too. Here it learns that on text.json: the same kind of conversations about
@@ -13,7 +15,7 @@ llm = 'tiny'                   # a random tiny Llama (mocha.TINY_LLM)
 llm_source = 'tiny'
 train_connectors = False       # the LM alone, no blank image through the image path: 18 min 50 s, not 26 min 30 s (README)
 train_encoders = False
-export_llm = True              # out/shapes-lm/llm: the HF folder config/shapes.py names as its llm
+export_llm = True              # out/shapes-lm/llm: an HF folder (weights + tokenizer) to use as an llm
 eval_shapes_at_end = True
 shapes_benchmarks = 'gqa_words'  # the shapes GQA's questions about its scenes written in words: per family (README)
 epochs = 3                     # 7 350 steps (39 200 conversations after the held-out 2 %). One epoch left each
