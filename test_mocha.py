@@ -1757,6 +1757,20 @@ def test_export_llm_saves_the_trained_llm_as_a_folder_that_config_shapes_loads(s
                           tokenizer=str(tmp_path / 'other'), template='phi'))
 
 
+def test_config_shapes_starts_from_the_shipped_text_pretrained_lm():
+    """config/shapes.py's llm is the folder the repo ships (config/shapes_lm.py's export): a Llama of mocha.TINY_LLM's
+    widths whose vocabulary is its own tokenizer's, the one that data/shapes/tokenizer must equal (checked when
+    MoCHA is built, above)."""
+    llm_dir = re.search(r"^llm = '([^']+)'", open('config/shapes.py').read(), re.M).group(1)
+    assert llm_dir == 'weights/shapes-lm' and os.path.isfile(os.path.join(llm_dir, 'model.safetensors'))
+    model = MoCHA(MoCHAConfig(encoders=('siglip',), encoder_source='tiny', llm=llm_dir, llm_source='pretrained',
+                              template='phi'))
+    widths = {k: v for k, v in TINY_LLM[1].items() if k != 'tie_word_embeddings'}
+    assert {k: getattr(model.llm.config, k) for k in widths} == widths
+    assert model.llm.get_input_embeddings().num_embeddings == len(model.tokenizer)
+    assert {'empty', 'large_red_circle', 'Answer'} <= set(model.tokenizer.get_vocab())
+
+
 def test_checkpoint_config_holds_exactly_the_config_globals(small_shapes, tmp_path):
     run_train(small_shapes, tmp_path / 'run', '--max_steps=1')
     saved = torch.load(tmp_path / 'run' / 'ckpt' / 'train_state.pt', weights_only=False)['config']
