@@ -536,7 +536,8 @@ def build_word_tokenizer(texts):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     pre_tokenizer = pre_tokenizers.Whitespace()
-    words = sorted({word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(text)})
+    # each distinct text once: the shapes world's 590 000 turns are 62 000 texts (10 s -> 2 s on a busy core)
+    words = sorted({word for text in set(texts) for word, _ in pre_tokenizer.pre_tokenize_str(text)})
     vocab = {token: i for i, token in enumerate(['<|endoftext|>', '<pad>', '<unk>'] + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
     tokenizer.pre_tokenizer = pre_tokenizer
