@@ -1772,9 +1772,10 @@ def test_config_shapes_starts_from_the_shipped_text_pretrained_lm():
 
 
 def test_checkpoint_config_holds_exactly_the_config_globals(small_shapes, tmp_path):
-    run_train(small_shapes, tmp_path / 'run', '--max_steps=1')
+    run_train(small_shapes, tmp_path / 'run', '--max_steps=1', '--save_interval=0')  # 0: saved at the end only
     saved = torch.load(tmp_path / 'run' / 'ckpt' / 'train_state.pt', weights_only=False)['config']
     assert set(saved) == train_defaults() and saved['max_steps'] == 1 and saved['template'] == 'plain'
+    assert saved['save_interval'] == 0
 
 
 def test_an_invalid_option_stops_every_process_with_a_clear_error(small_shapes, tmp_path):

@@ -36,7 +36,7 @@ out_dir = 'out'
 init_from = 'scratch'      # 'scratch' | 'resume' (out_dir/ckpt) | a MoCHA checkpoint dir (stage 2 from stage 1)
 upcycle_from = ''          # a checkpoint dir whose 1-expert connectors (LLaVA's MLP) seed every expert (Table 4)
 log_interval = 10          # optimizer steps
-save_interval = 1000       # optimizer steps; the end of the run always saves
+save_interval = 1000       # optimizer steps; the end of the run always saves; 0 = only the end
 stop_at_step = 0           # stop (and save) after this many steps, as if the job were killed; 0 = never
 eval_shapes_at_end = False # score the shapes benchmarks with eval.py when training ends
 shapes_benchmarks = 'pope,gqa,mme'  # which ones (eval.SHAPES_BENCHMARKS; 'gqa_words': GQA about scenes in words)
@@ -510,7 +510,7 @@ for step in progress:
         tick += time.time() - eval_start  # the next tokens/s counts training time only
         log(f"step {step + 1}/{total_steps} val lm {val_loss:.4f} (held-out: {len(val_indices)} samples of {data_json})")
         write_metrics(dict(step=step + 1, val_loss=val_loss))
-    if (step + 1) % save_interval == 0 or done:
+    if (save_interval and (step + 1) % save_interval == 0) or done:
         save_checkpoint(step + 1, skipped_total)
     if done:
         break

@@ -35,7 +35,8 @@ num_workers = 1
 log_interval = 20
 save_interval = 200
 val_fraction = 0.02            # 245 of the 12 240 samples held out: the validation loss every eval_interval
-eval_interval = 100
+eval_interval = 275            # 4 validations in 1 100 steps (every 100: 7 more, about 17 s); they do not
+                               # change training (220 steps with and without: the same losses and weights)
 device = 'cpu'
 dtype = 'float32'              # bf16 autocast is slow on CPUs
 gradient_checkpointing = False
