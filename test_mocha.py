@@ -2019,10 +2019,11 @@ def test_model_flops_leave_out_the_checkpointing_recompute(tokenizer_dir):
 
 def test_metrics_plot_and_explain_from_a_short_run(small_shapes, tmp_path):
     """A 4-step run with a held-out split writes metrics.jsonl (loss parts, speed, FLOPs, routing, HGA,
-    validation losses, the collapse check of train.py); plot.py and eval.py --explain draw it. ~30 s."""
+    validation losses, the collapse check of train.py) and --profile's table; plot.py and eval.py --explain
+    draw it. ~30 s."""
     from mocha import collapsed_experts
     _, _, output = run_train(small_shapes, tmp_path, '--max_steps=4', '--val_fraction=0.25', '--eval_interval=2',
-                             '--collapse_window=2', '--stage=2', '--template=phi',
+                             '--collapse_window=2', '--stage=2', '--template=phi', '--profile=True',
                              f'--data_json={small_shapes}/instruct.json', with_output=True)
     records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     logs = [r for r in records if 'val_loss' not in r]
@@ -2047,6 +2048,14 @@ def test_metrics_plot_and_explain_from_a_short_run(small_shapes, tmp_path):
     for c in collapsed:
         name, e = c.split('.')
         assert f'the {name} MoEC sent' in output and f'to expert {e} over' in output
+
+    # --profile: the time of each part of the 3 steps after the first, per step, and its share of their wall time
+    rows = re.findall(r'^  (.+?) +([\d.]+) ms +([\d.]+) %$', output.split('profile: 3 steps after the first')[1], re.M)
+    assert [part for part, _, _ in rows] == ['data', 'encoders', 'MoECs', 'HGA', 'LM forward',
+                                             'rest of the forward (splice, losses)', 'backward', 'optimizer',
+                                             'other (logs, validation, checkpoints)']
+    assert all(float(ms) > 0 for _, ms, _ in rows)
+    assert sum(float(share) for _, _, share in rows) == pytest.approx(100, abs=0.5)
 
     subprocess.run([sys.executable, 'plot.py', str(tmp_path)], check=True, capture_output=True, timeout=120)
     for name in ('curves.png', 'experts.png'):

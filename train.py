@@ -45,6 +45,7 @@ eval_interval = 0          # optimizer steps between validation losses (and one 
 eval_iters = 0             # batches per validation loss; 0 = the whole held-out slice
 collapse_fraction = 0.1    # WARNING when an expert's share of a MoEC's routed tokens stays below this
 collapse_window = 5        # fraction of the fair share 1/E, averaged over this many log steps
+profile = False            # time each part of the step (data, encoders, MoECs, HGA, LM, backward, optimizer): a table at the end
 # data
 data_json = 'playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json'
 image_folder = 'playground/data/LLaVA-Pretrain/images'
@@ -422,6 +423,29 @@ def write_metrics(record):
 
 
 # -----------------------------------------------------------------------------
+# profile: wall seconds of each part of the training steps (after the first, which also counts FLOPs)
+phase_seconds = collections.Counter()
+
+
+def clock():
+    if profile and device_type == 'cuda':
+        torch.cuda.synchronize()  # a GPU runs queued kernels later: wait for them, so each part gets its own
+    return time.perf_counter()
+
+
+def time_forward(module, part):
+    """Adds each training forward of `module` to phase_seconds[part] (validation and eval run without grad)."""
+    starts = []
+    module.register_forward_pre_hook(lambda *_: starts.append(clock()) if torch.is_grad_enabled() else None)
+    module.register_forward_hook(lambda *_: phase_seconds.update({part: clock() - starts.pop()}) if starts else None)
+
+
+if profile:
+    for part, modules in (('encoders', [raw_model.encoders]), ('MoECs', raw_model.moecs.values()),
+                          ('HGA', [raw_model.hga]), ('LM forward', [raw_model.llm])):
+        for module in modules:
+            time_forward(module, part)
+
 # the loop: one optimizer step = gradient_accumulation_steps micro-batches on every process
 model.train()
 batches = batches_from(start_step)
@@ -435,7 +459,9 @@ warned = set()                                            # (MoEC, expert) colla
 for step in progress:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(step) * group['lr_scale']
+    started = clock()
     micro_batches = [next(batches) for _ in range(gradient_accumulation_steps)]
+    phase_seconds['data'] += clock() - started
     # every learned token of the global batch weighs the same (not every micro-batch)
     global_targets = global_sum(sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
     targets_per_micro_batch = max(global_targets, 1) / (world_size * gradient_accumulation_steps)
@@ -454,15 +480,20 @@ for step in progress:
                 counted = count_flops(model, inputs, loss_scale=1 / gradient_accumulation_steps)
                 out, flops_per_token = counted['out'], counted['model'] / max(micro_tokens, 1)
             else:
+                started = clock()
                 out = model(**inputs)
+                forward_done = clock()
                 (out['loss'] / gradient_accumulation_steps).backward()
+                phase_seconds.update({'forward': forward_done - started, 'backward': clock() - forward_done})
         parts += torch.stack([out['loss'].detach(), out['lm_loss'], out['balance_loss'], out['z_loss']]).float()
         if out['stats']:  # empty when the micro-batch has no image
             stat_sums += torch.cat([stats_vector(out['stats']), stat_sums.new_ones(1)])
+    started = clock()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    phase_seconds['optimizer'] += clock() - started
     if distributed:
         dist.all_reduce(parts)
     loss, lm_loss, balance_loss, z_loss = (parts / (world_size * gradient_accumulation_steps)).tolist()
@@ -512,12 +543,25 @@ for step in progress:
         write_metrics(dict(step=step + 1, val_loss=val_loss))
     if (save_interval and (step + 1) % save_interval == 0) or done:
         save_checkpoint(step + 1, skipped_total)
+    if step == start_step:  # the profile starts after the first step
+        phase_seconds.clear()
+        profile_start = clock()
     if done:
         break
 if master:
     with open(losses_path, 'a') as f:
         f.writelines(f'{v:.6f}\n' for v in history)
     log(f"saved {ckpt_dir}")
+if profile and master and step > start_step:
+    steps_timed, wall = step - start_step, clock() - profile_start
+    forward_parts = ('encoders', 'MoECs', 'HGA', 'LM forward')
+    profile_table = {part: phase_seconds[part] for part in ('data',) + forward_parts}
+    profile_table['rest of the forward (splice, losses)'] = phase_seconds['forward'] - sum(profile_table[p] for p in forward_parts)
+    profile_table.update(backward=phase_seconds['backward'], optimizer=phase_seconds['optimizer'])  # clipping too
+    profile_table['other (logs, validation, checkpoints)'] = wall - sum(profile_table.values())
+    log(f"profile: {steps_timed} steps after the first in {wall:.1f} s, per step and share:")
+    for part, seconds in profile_table.items():
+        log(f"  {part:<40} {1000 * seconds / steps_timed:8.1f} ms {100 * seconds / wall:5.1f} %")
 # every process reports its own count: under DDP/FSDP all must stop at the same step
 print(f"rank {rank}: stopped after step {step + 1}; samples skipped as bad here: {skipped_total}", flush=True)
 
