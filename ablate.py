@@ -1,7 +1,12 @@
 """
-The paper's ablations on the shapes world: variants x seeds of config/shapes.py, each a real
-`python train.py` run that ends with eval.py's shapes benchmarks, gathered into one table of
-mean +- std over seeds (out_dir/ablation.json and out_dir/ablation.md).
+The paper's ablations on the shapes world: each variant (a list of train.py overrides on top of
+config/shapes.py) at each seed is one real `python train.py` run that ends with eval.py's shapes
+benchmarks; the runs are gathered into one table of mean +- std over seeds (out_dir/ablation.json,
+out_dir/ablation.md).
+
+References: the paper's ablations of MoCHA-Phi2, arXiv 2507.22805: the encoders and the connector in
+Table 3 (MLP), Table 4 (upcycled MoEC) and Table 5 (MoEC + HGA), top-k in Table 6, channel against
+sequence fusion in Figure 5. docs/ablations.md sets the miniature's table beside them.
 
     python ablate.py                                        # every variant, seeds 0,1,2, one run per core
     python ablate.py --variants=mlp,full --seeds=0,1 --jobs=2
@@ -30,19 +35,21 @@ from concurrent.futures import ThreadPoolExecutor
 # so it is also the "MoEC E=4 k=2", "HGA full", "all four encoders", "sequence" and "from scratch" row.
 VARIANTS = {
     'full': [],
-    # connector (Table 6): LLaVA's 2-layer MLP is one expert, always chosen
+    # connector: LLaVA's 2-layer MLP is one expert, always chosen (Table 3); k = 1 (Table 6 varies k at E = 4);
+    # E = 8 (not in the paper)
     'mlp': ['--num_experts=1', '--top_k=1'],
     'moec_e2k1': ['--num_experts=2', '--top_k=1'],
     'moec_e8k2': ['--num_experts=8', '--top_k=2'],
-    # HGA (Table 7): off is the identity; one kind of edge only by setting the other k to 0
+    # HGA (Table 5 against Table 4: MoEC + HGA against MoEC alone): off is the identity; one kind of edge only,
+    # by setting the other k to 0 (not in the paper)
     'hga_off': ['--hga=False'],
     'hga_intra_only': ['--k_inter=0'],
     'hga_inter_only': ['--k_intra=0'],
-    # encoders (Table 5): any subset, appended in mocha.ENCODER_ORDER
+    # encoders (Table 5, with MoEC + HGA): any subset, appended in mocha.ENCODER_ORDER
     'siglip': ["--encoders=('siglip',)"],
     'siglip_convnext': ["--encoders=('siglip','convnext')"],
     'siglip_clip_convnext': ["--encoders=('siglip','convnext','clip')"],
-    # fusion (Table 8): the encoders' tokens concatenated along channels into one connector
+    # fusion (Figure 5): the encoders' tokens concatenated along channels into one connector
     'channel': ['--fusion=channel'],
     # MoEC upcycled (Table 4): every expert starts as the connector the 'mlp' run of the same seed trained.
     # A second step, after 'mlp'. Only the connectors are copied (the LM and encoders start fresh, as in

@@ -7,22 +7,20 @@ Benchmarks, after nanoGPT's bench.py:
    the meta device (no memory, no weights).
 3) memory: per-GPU memory and FLOPs of one training step of every shipped real config
    (config/stage{1,2}*.py) under DDP and FSDP at 8 GPUs, traced at full size on fake tensors
-   with PyTorch's MemTracker / FSDPMemTracker and FlopCounterMode.
+   with PyTorch's MemTracker / FSDPMemTracker; FLOPs counted apart (mocha.count_flops).
 
     python bench.py                     # all three, float32 on whatever device is there
     python bench.py --table=speed --device=cuda --dtype=bfloat16
     python bench.py --table=memory      # about 3 minutes on 2 CPU cores, no GPU needed
 """
-import collections
 import json
 import time
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from mocha import (ENCODER_ORDER, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, Encoders, MoCHA, MoCHAConfig, MoEC,
-                   build_llm, count_flops, register_cpu_attention_flops)
+                   build_llm, count_flops, fake_batch, fake_tensors, lean_memory_tracker)
 from released import released_hga, released_moec
 
 # -----------------------------------------------------------------------------
@@ -143,11 +141,14 @@ def params_table():
 # backward under bf16 autocast with the LLM's gradient checkpointing, grad clipping, AdamW.
 # It runs at full size on fake tensors (shapes and dtypes, no storage, no arithmetic), with
 # PyTorch's MemTracker (DDP: one replica) or FSDPMemTracker (FSDP over a fake 8-rank process
-# group) counting live bytes and FlopCounterMode counting matmul/conv/attention FLOPs.
+# group) counting live bytes. FLOPs are counted in a pass of their own (mocha.count_flops): torch's
+# FlopCounterMode keeps every recomputed layer's activations alive while it counts (its docstring says why).
 # What the trace cannot do, and what stands in for it:
 #  - fake CUDA tensors cannot run backward without a GPU, so the trace runs on fake CPU tensors
 #    under CPU bf16 autocast (the same bf16 matmuls/convs as CUDA autocast; no allocator
 #    rounding or fragmentation, no CUDA context, no NCCL buffers: hence the 10 % margin in `fits`);
+#  - attention runs PyTorch's CPU flash kernel, which saves what the CUDA flash and memory-efficient
+#    kernels save for backward: the output and a float32 logsumexp per query, no L x L matrix;
 #  - which tokens each MoEC expert gets depends on the data, which fake tensors do not have:
 #    every expert gets T*k/E tokens (perfect balance);
 #  - DDP's gradient buckets (a flat float32 copy of every trainable gradient unless
@@ -155,7 +156,8 @@ def params_table():
 #    does not run on fake tensors.
 
 GiB = 2 ** 30
-CARDS_GB = (80, 48, 24)
+# what nvidia-smi reports of each size's smallest common card, in MiB: H100 SXM 80 GB, L40 / L40S 48 GB, A10 24 GB
+CARDS_MIB = {80: 81559, 48: 46068, 24: 23028}
 TRAIN_DEFAULTS = dict(stage=1, llm='microsoft/phi-2', batch_size=4, max_length=2560, parallel='ddp',
                       num_experts=4, top_k=2, gradient_checkpointing=True, dtype='bfloat16')  # train.py's
 
@@ -165,23 +167,6 @@ def read_config(path):
     values = dict(TRAIN_DEFAULTS)
     exec(open(path).read(), values)
     return dict({k: values[k] for k in TRAIN_DEFAULTS}, batch_size=micro_batch or values['batch_size'])
-
-
-def balanced_nonzero(num_experts):
-    """Tensor.nonzero for the fake trace: a routing mask [T, k] whose size depends on the data
-    gets T*k/E (token, slot) pairs, perfectly balanced experts. Anything else runs as usual."""
-    from torch._subclasses.fake_tensor import DynamicOutputShapeException
-    real_nonzero = torch.Tensor.nonzero
-
-    def nonzero(mask, *args, **kwargs):
-        try:
-            return real_nonzero(mask, *args, **kwargs)
-        except DynamicOutputShapeException:
-            if not kwargs.get('as_tuple') or mask.ndim != 2:
-                raise
-            tokens = torch.arange(mask.numel() // num_experts, device=mask.device) % mask.shape[0]
-            return tokens, torch.zeros_like(tokens)
-    return mock.patch.object(torch.Tensor, 'nonzero', nonzero)
 
 
 def fake_pg():
@@ -195,22 +180,49 @@ def fake_pg():
     return init_device_mesh('cpu', (world_size,))
 
 
-def trace_step(cfg, parallel, autocast_cache=True, checkpointing=True):
-    """One train.py step of config `cfg` on fake tensors. Returns bytes per GPU and FLOPs per GPU."""
-    from torch._subclasses import fake_tensor
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
+def meta_model(cfg, checkpointing=True):
+    """The config's full-size MoCHA on the meta device (no memory), trainable and checkpointed as train.py sets it."""
     with torch.device('meta'):
         model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=cfg['llm'],
                                   num_experts=cfg['num_experts'], top_k=cfg['top_k'],
                                   llm_layers=llm_layers, encoder_layers=encoder_layers))
-    # what trains, and the checkpointing, exactly as train.py sets them
     model.requires_grad_(False)
     model.moecs.requires_grad_(True)
     model.llm.requires_grad_(cfg['stage'] == 2)
     if checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
         model.llm.config.use_cache = False
+    return model
+
+
+def full_batch(cfg, model):
+    """A micro-batch of the config whose every sample fills max_length: <image> + text."""
+    B, text_length = cfg['batch_size'], cfg['max_length'] - model.num_visual_tokens + 1
+    input_ids = torch.randint(3, model.llm.config.vocab_size, (B, text_length), generator=torch.Generator().manual_seed(0))
+    input_ids[:, 0] = IMAGE_TOKEN_ID
+    return dict(input_ids=input_ids, attention_mask=torch.ones(B, text_length, dtype=torch.long),
+                labels=input_ids.masked_fill(torch.arange(text_length) < 2, IGNORE_INDEX),
+                images=torch.empty(B, 3, 336, 336, dtype=torch.uint8))
+
+
+def step_flops(cfg, checkpointing):
+    """mocha.count_flops of the config's step (fake tensors), with the LLM's model FLOPs: its decoder layers and
+    head (the module tracker files part of HGA's backward, which runs after the LLM's, under the LLM module itself)."""
+    model = meta_model(cfg, checkpointing)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        counted = count_flops(model, full_batch(cfg, model))
+    flops = counted['by_module']
+    llm_parts = [name for name in flops if name == 'MoCHA.llm.lm_head'
+                 or (name.startswith('MoCHA.llm.model.layers.') and name.count('.') == 4)]
+    recompute = counted['hardware'] - counted['model']  # all of it in the decoder layers
+    return dict(counted, llm=sum(sum(flops[n].values()) for n in llm_parts) - recompute)
+
+
+def trace_step(cfg, parallel, autocast_cache=True, checkpointing=True):
+    """Bytes per GPU of one train.py step of config `cfg` on fake tensors: weights, gradients, AdamW, the peak."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    model = meta_model(cfg, checkpointing)
     trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if parallel == 'fsdp':  # train.py's wrapping: one unit per decoder layer, then the rest
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -219,58 +231,35 @@ def trace_step(cfg, parallel, autocast_cache=True, checkpointing=True):
         for layer in model.llm.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=precision)
         fully_shard(model, mesh=mesh, mp_policy=precision)
-    B, num_visual = cfg['batch_size'], model.num_visual_tokens
-    text_length = cfg['max_length'] - num_visual + 1  # every sample fills max_length: <image> + text
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, model.llm.config.vocab_size, (B, text_length), generator=generator)
-    input_ids[:, 0] = IMAGE_TOKEN_ID
-    labels = input_ids.masked_fill(torch.arange(text_length) < 2, IGNORE_INDEX)
-    # small integer tensors made inside the fake mode stay real constants (up to the limit below),
-    # so the splice's checks on input_ids and HGA's per-group top-k sizes run as on a GPU
-    with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True), \
-            mock.patch.object(fake_tensor, 'CONSTANT_NUMEL_LIMIT', 2 ** 16), balanced_nonzero(cfg['num_experts']):
+    real_batch = full_batch(cfg, model)
+    with fake_tensors(cfg['num_experts'], 'cpu'):
         model.to_empty(device='cpu')
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-3, fused=parallel == 'ddp', foreach=parallel == 'fsdp')
+        # FSDP: AdamW and clipping without foreach ops. On DTensors those build full-size fake tensors to work out
+        # their output's shapes, which the tracker would count as memory (26 GiB for Vicuna stage 2); run for real
+        # they hold one shard-sized temporary at most, well below the backward's peak
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3, fused=parallel == 'ddp', foreach=False)
         for p in trainable:  # a steady-state step: AdamW's two moments exist before it starts
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        batch = dict(input_ids=torch.tensor(input_ids.tolist()), labels=torch.tensor(labels.tolist()),
-                     attention_mask=torch.ones(B, text_length, dtype=torch.long),
-                     images=torch.empty(B, 3, 336, 336, dtype=torch.uint8))
-        tracker = (FSDPMemTracker(model, optimizer) if parallel == 'fsdp' else MemTracker())
-        # MemTracker also keeps every module's own peak: a loop over all ~2 000 modules after each op,
-        # minutes at full size. The table needs only the global peak, which is all this keeps.
-        def global_peak(peak_state):
-            for dev, snap in tracker._curr_mem_snap.items():
-                if tracker._peak_mem.get(dev, 0) < snap['Total']:
-                    tracker._peak_mem[dev], tracker._peak_mem_snap[dev] = snap['Total'], dict(snap)
-        tracker._update_peak_stats = global_peak
-        # MemTracker hooks every parameter's gradient and fails on frozen ones: mark those as hooked
-        no_hook = torch.utils.hooks.RemovableHandle(collections.OrderedDict())
-        for p in model.parameters():
-            if not p.requires_grad:
-                tracker._param_to_grad_hook_handles[p] = (no_hook, no_hook)
+        batch = fake_batch(real_batch)
+        tracker = lean_memory_tracker(FSDPMemTracker(model, optimizer) if parallel == 'fsdp' else MemTracker(), model)
         if parallel == 'fsdp':
             tracker.track_inputs(tuple(batch.values()))
         else:
             tracker.track_external(model, optimizer, *batch.values())
-        with tracker:
+        with tracker:  # train.py's step
             with torch.autocast('cpu', dtype=torch.bfloat16, cache_enabled=autocast_cache):
-                counted = count_flops(model, batch)  # the count train.py's FLOP/s and MFU come from
+                out = model(**batch)
+                del out['logits']
+                out['loss'].backward()
             after_backward = tracker.get_tracker_snapshot('current')
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=parallel == 'ddp')
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    flops = counted['by_module']
-    # the LLM's share, read from its decoder layers and head: the module tracker files part of HGA's
-    # backward (which runs after the LLM's) under the LLM module itself
-    llm_parts = [name for name in flops if name == 'MoCHA.llm.lm_head'
-                 or (name.startswith('MoCHA.llm.model.layers.') and name.count('.') == 4)]
-    result = dict(flops=counted['hardware'], llm_flops=sum(sum(flops[n].values()) for n in llm_parts),
-                  trainable_bytes=trainable_bytes)
+    result = dict(trainable_bytes=trainable_bytes)
     (now,), (peak,) = after_backward.values(), tracker.get_tracker_snapshot('peak').values()
     pick = lambda snap, *keys: sum(snap.get(k, 0) for k in keys)
     result.update(weights=pick(now, 'Parameter', 'Sharded Param'), grads=pick(now, 'Gradient', 'Sharded Grad'),
@@ -283,20 +272,17 @@ def trace_step(cfg, parallel, autocast_cache=True, checkpointing=True):
 
 
 def memory_table():
-    register_cpu_attention_flops()
     rows = []
     for path in configs.split(','):
         cfg = read_config(path)
         t = time.perf_counter()
-        # model FLOPs: forward + backward without checkpointing's recompute (what MFU counts)
-        no_checkpointing = trace_step(cfg, 'ddp', checkpointing=False)
+        counted = step_flops(cfg, checkpointing=True)  # hardware: with the recompute; model: without (what MFU counts)
+        no_checkpointing = trace_step(cfg, 'ddp', checkpointing=False)['peak']
         for parallel in ('ddp', 'fsdp'):
             row = dict(config=path, parallel=parallel, default=parallel == cfg['parallel'],
                        batch_size=cfg['batch_size'], max_length=cfg['max_length'], **trace_step(cfg, parallel),
-                       model_flops=no_checkpointing['flops'], llm_model_flops=no_checkpointing['llm_flops'],
-                       peak_no_checkpointing=no_checkpointing['peak'] if parallel == 'ddp' else None)
-            row['hardware_flops'] = row.pop('flops')  # with the recompute
-            del row['llm_flops']
+                       model_flops=counted['model'], hardware_flops=counted['hardware'], llm_model_flops=counted['llm'],
+                       peak_no_checkpointing=no_checkpointing if parallel == 'ddp' else None)
             if parallel == 'ddp':
                 # DDP keeps a float32 bucket copy of every trainable gradient unless the gradients
                 # are views into the buckets (gradient_as_bucket_view=True)
@@ -316,7 +302,7 @@ def memory_table():
 
 def fits(peak_bytes):
     """Cards the peak fits, keeping 10 % of each for what the trace does not see."""
-    return '/'.join(str(gb) for gb in CARDS_GB if peak_bytes <= 0.9 * gb * GiB) or 'none'
+    return '/'.join(str(gb) for gb, mib in CARDS_MIB.items() if peak_bytes <= 0.9 * mib * 2 ** 20) or 'none'
 
 
 def print_row(row):

@@ -6,7 +6,7 @@ References: LLaVA-1.5 (llava/train/train.py: preprocess_multimodal, preprocess_p
 expand2square, LazySupervisedDataset; llava/mm_utils.py: tokenizer_image_token) and the released MoCHA
 code (llava/train/moec_train.py: preprocess_phi), which reuses them.
 
-    load_image            RGB, pad to square with the mean colour, resize (stage 2's image aspect)
+    load_image            RGB, to a square: padded with the mean colour (stage 2, eval) or centre-cropped (stage 1)
     tokenize_conversation the templates plain / phi / vicuna_v1 and their label masks, token for token
     build_prompt          the inference prompt of one question (for eval.py)
     LLaVADataset, collate LLaVA training JSON -> padded batches, bad samples skipped or fatal
@@ -26,7 +26,10 @@ from mocha import IGNORE_INDEX, IMAGE_TOKEN_ID  # -100, and -200: LLaVA's placeh
 IMAGE_TEXT = '<image>'
 
 # -----------------------------------------------------------------------------
-# images (stage 2 pads each image to a square with the mean colour, as LLaVA-1.5's 'pad' aspect mode)
+# images. LLaVA-1.5's released scripts, which MoCHA's reuse: stage 1 (pretrain.sh) leaves image_aspect_ratio at
+# 'square', where CLIP's image processor resizes the short side and crops the centre; stage 2 (finetune.sh) sets
+# 'pad', and evaluation follows the stage-2 model's setting. Nothing in an image is lost to a crop after stage 1.
+IMAGE_ASPECTS = ('crop', 'pad')
 
 # LLaVA-1.5's 'pad' mode (expand2square) fills with the image processor's mean colour,
 # tuple(int(x * 255) for x in image_mean); the released MoCHA code uses the CLIP processor, so this is
@@ -34,19 +37,27 @@ IMAGE_TEXT = '<image>'
 PAD_COLOR = (122, 116, 104)
 
 
-def load_image(path, image_size):
-    """The image at `path` as a uint8 tensor [3, image_size, image_size]: RGB, padded to a centred square
-    with PAD_COLOR, resized (bicubic). Raises OSError naming the path if it is missing or unreadable."""
+def load_image(path, image_size, aspect='pad'):
+    """The image at `path` as a uint8 tensor [3, image_size, image_size]: RGB; aspect 'pad': centred on a square of
+    PAD_COLOR, then resized; 'crop': its short side resized to image_size, then the centre cut out (CLIP's image
+    processor). Bicubic. Raises OSError naming the path if it is missing or unreadable."""
+    assert aspect in IMAGE_ASPECTS, f"aspect must be one of {IMAGE_ASPECTS}, got {aspect!r}"
     try:
         with Image.open(path) as img:
             img = img.convert('RGB')  # decodes the whole file: a truncated JPEG fails here, not later
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise OSError(f"cannot read image {path}: {err}") from err
     width, height = img.size
-    side = max(width, height)
-    square = Image.new('RGB', (side, side), PAD_COLOR)
-    square.paste(img, ((side - width) // 2, (side - height) // 2))
-    square = square.resize((image_size, image_size), Image.BICUBIC)
+    if aspect == 'pad':
+        side = max(width, height)
+        square = Image.new('RGB', (side, side), PAD_COLOR)
+        square.paste(img, ((side - width) // 2, (side - height) // 2))
+        square = square.resize((image_size, image_size), Image.BICUBIC)
+    else:
+        scale = image_size / min(width, height)
+        width, height = max(image_size, round(width * scale)), max(image_size, round(height * scale))
+        left, top = (width - image_size) // 2, (height - image_size) // 2
+        square = img.resize((width, height), Image.BICUBIC).crop((left, top, left + image_size, top + image_size))
     return torch.from_numpy(np.array(square)).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
@@ -193,12 +204,12 @@ class LLaVADataset(torch.utils.data.Dataset):
     such an image and never shows it to the model, which then trains on the text alone."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, image_size, max_length,
-                 num_visual_tokens, on_bad_sample='skip'):
+                 num_visual_tokens, on_bad_sample='skip', image_aspect='pad'):
         assert template in TEMPLATES, f"unknown template {template!r}, expected one of {TEMPLATES}"
         assert on_bad_sample in ('skip', 'error'), f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}"
         self.json_path, self.image_folder, self.tokenizer, self.template = json_path, image_folder, tokenizer, template
         self.image_size, self.max_length, self.num_visual_tokens = image_size, max_length, num_visual_tokens
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample, self.image_aspect = on_bad_sample, image_aspect
         with open(json_path) as f:
             samples = json.load(f)
         if not isinstance(samples, list):
@@ -264,7 +275,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         image = None
         if sample.get('image'):
             try:
-                image = load_image(self.image_path(sample), self.image_size)
+                image = load_image(self.image_path(sample), self.image_size, self.image_aspect)
             except OSError as err:
                 print(f"skipping {self.bad_sample(sample, f'unreadable image ({err})')}", file=sys.stderr)
                 return None

@@ -502,7 +502,7 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
     return results
 
 # -----------------------------------------------------------------------------
-# the official scorers' input files, written next to the answers (README, "Scoring with the official tools")
+# the official scorers' input files, written next to the answers (docs/evaluation.md, "Checking the numbers with the official scripts")
 
 def write_gqa_predictions(answers, questions_json, out_dir):
     """GQA eval.py's predictions file, as LLaVA's convert_gqa_for_eval.py writes it: a JSON list of

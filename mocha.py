@@ -15,10 +15,12 @@ References:
            ├─ CLIP     ─► MoEC ─┼──────────────► ─────────────► ─────────────────► LLM
            └─ DINOv2   ─► MoEC ─┘
 """
+import collections
 import json
 import math
 import os
 from collections import namedtuple
+from contextlib import contextmanager
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -320,6 +322,11 @@ class MoEC(nn.Module):
         mlp = {k.removeprefix('experts.0.'): v for k, v in mlp_state_dict.items() if k != 'gate.weight'}
         if any(k.startswith('experts.') for k in mlp):
             raise ValueError("upcycling needs a connector with one expert (an MLP); this one has several")
+        expected = {k: tuple(v.shape) for k, v in self.experts[0].state_dict().items()}
+        given = {k: tuple(v.shape) for k, v in mlp.items()}
+        if given != expected:  # another encoder's or another LLM's projector (Vicuna's 4096 wide into Phi-2's 2560)
+            raise ValueError(f"the MLP's tensors {given} do not fit this connector's {expected} "
+                             f"(encoder width -> LLM width)")
         for expert in self.experts:
             expert.load_state_dict(mlp)
         return self
@@ -657,26 +664,96 @@ def register_cpu_attention_flops():
             flop_counter.register_flop_formula(op, get_raw=True)(formula)  # formula: already takes shapes
 
 
-def count_flops(model, batch, loss_scale=1.0):
-    """Runs one training forward + backward (of loss * loss_scale) of `batch` (MoCHA.forward's arguments by
-    name; `model` may be wrapped by DDP/FSDP) under torch's FlopCounterMode, which counts matmuls, convolutions
-    and attention. Returns 'hardware' (all that ran: with gradient checkpointing, the decoder layers' forward
-    twice), 'model' (each once: what MFU counts), 'by_module' ({module name: {op: FLOPs}}) and the forward's 'out'."""
+@contextmanager
+def fake_tensors(num_experts, device):
+    """torch's FakeTensorMode, for counting or tracing a training step at full size without memory: tensors made
+    inside have shapes and dtypes, no storage, and no arithmetic runs. What depends on values is settled as on a GPU:
+    - integer tensors made inside from Python lists (token ids, masks) stay real constants, so the splice finds
+      each <image> placeholder;
+    - which tokens a MoEC expert gets depends on the router's values: each expert gets T*k/E (token, slot) pairs,
+      perfect balance, the same FLOPs in all as any routing (MoEC.forward's nonzero)."""
+    from unittest import mock
+    from torch._subclasses import fake_tensor
+    real_nonzero = torch.Tensor.nonzero
+
+    def balanced_nonzero(mask, *args, **kwargs):
+        try:
+            return real_nonzero(mask, *args, **kwargs)
+        except fake_tensor.DynamicOutputShapeException:
+            if not kwargs.get('as_tuple') or mask.ndim != 2:
+                raise
+            tokens = torch.arange(mask.numel() // num_experts, device=mask.device) % mask.shape[0]
+            return tokens, torch.zeros_like(tokens)
+    with fake_tensor.FakeTensorMode(allow_non_fake_inputs=True), torch.device(device), \
+            mock.patch.object(fake_tensor, 'CONSTANT_NUMEL_LIMIT', 2 ** 20), \
+            mock.patch.object(torch.Tensor, 'nonzero', balanced_nonzero):
+        yield
+
+
+def fake_batch(batch):
+    """MoCHA.forward's arguments made inside fake_tensors: integer tensors as constants, images by shape only."""
+    def fake(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point() or value.dtype == torch.uint8:  # images: only their shape matters
+            return torch.empty(value.shape, dtype=value.dtype)
+        return torch.tensor(value.tolist(), dtype=value.dtype)
+    return {name: fake(value) for name, value in batch.items()}
+
+
+def count_flops(model, batch):
+    """FLOPs of one training forward + backward of `batch` (MoCHA.forward's arguments by name) through `model`
+    (a MoCHA, not wrapped by DDP/FSDP), counted by torch's FlopCounterMode (matmuls, convolutions, attention)
+    on fake tensors: the same modules run on stand-ins of their weights that have shapes but no storage, so the
+    count holds no activations and leaves `model`'s weights and gradients alone. (Counting a real step would
+    not: FlopCounterMode's module tracker hooks the outputs of every module that gradient checkpointing
+    recomputes during backward; each hook holds the recomputed graph, which holds the hook, a cycle through
+    autograd's C++ nodes that Python's garbage collector cannot see, so every recomputed layer's activations
+    live until the counter exits: 16 GiB more at the peak of Phi-2 stage 2.) Run it under the step's autocast.
+    Returns 'hardware' (all that ran: with gradient checkpointing, the decoder layers' forward twice), 'model'
+    (each once: what MFU counts) and 'by_module' ({module name: {op: FLOPs}})."""
+    import copy
     from torch.utils.checkpoint import set_checkpoint_early_stop
     from torch.utils.flop_counter import FlopCounterMode
     register_cpu_attention_flops()
-    llm = getattr(model, 'module', model).llm
-    checkpointed = any(getattr(module, 'gradient_checkpointing', False) for module in llm.modules())  # HF's flag
+    checkpointed = any(getattr(module, 'gradient_checkpointing', False) for module in model.llm.modules())  # HF's flag
+    device = next(model.parameters()).device
+    device = torch.device('cpu') if device.type == 'meta' else device  # a model built on the meta device: shapes only
     counter = FlopCounterMode(display=False)
-    # the recompute reruns each checkpointed layer's whole forward (torch otherwise stops it as soon as the
-    # saved tensors are back), so that it is exactly the layers' forward FLOPs, counted before the backward
-    with set_checkpoint_early_stop(False), counter:
-        out = model(**batch)
-        recompute = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                        if checkpointed and re.search(r'\.llm\.model\.layers\.\d+$', name))
-        (out['loss'] * loss_scale).backward()
+    with fake_tensors(model.config.num_experts, device):
+        # a copy of the model with fake stand-ins for its tensors: deepcopy takes what its memo holds instead of
+        # copying it, so no weight is copied, and tied weights stay tied (the tokenizer is not needed)
+        memo = {id(model.tokenizer): None}
+        for t in [*model.parameters(), *model.buffers()]:
+            stand_in = torch.empty(t.shape, dtype=t.dtype)
+            memo[id(t)] = nn.Parameter(stand_in, t.requires_grad) if isinstance(t, nn.Parameter) else stand_in
+        stand_in_model = copy.deepcopy(model, memo).train()
+        inputs = dict(fake_batch(batch), with_stats=False)  # statistics are not the step's FLOPs
+        # the recompute reruns each checkpointed layer's whole forward (torch otherwise stops it as soon as the
+        # saved tensors are back), so that it is exactly the layers' forward FLOPs, counted before the backward
+        with set_checkpoint_early_stop(False), counter:
+            loss = stand_in_model(**inputs)['loss']
+            recompute = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                            if checkpointed and re.search(r'\.llm\.model\.layers\.\d+$', name))
+            loss.backward()
     hardware = counter.get_total_flops()
-    return dict(hardware=hardware, model=hardware - recompute, by_module=counter.get_flop_counts(), out=out)
+    return dict(hardware=hardware, model=hardware - recompute, by_module=counter.get_flop_counts())
+
+
+def lean_memory_tracker(tracker, model):
+    """Readies torch's MemTracker or FSDPMemTracker `tracker` for a MoCHA: it would hook every parameter's gradient
+    and fails on the frozen ones, so those are marked as hooked already; and it keeps only the global peak
+    (MemTracker also updates every module's own peak after each op: minutes at full size)."""
+    def global_peak(peak_state):
+        for dev, snap in tracker._curr_mem_snap.items():
+            if tracker._peak_mem.get(dev, 0) < snap['Total']:
+                tracker._peak_mem[dev], tracker._peak_mem_snap[dev] = snap['Total'], dict(snap)
+    tracker._update_peak_stats = global_peak
+    no_hook = torch.utils.hooks.RemovableHandle(collections.OrderedDict())
+    for p in model.parameters():
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (no_hook, no_hook)
+    return tracker
 
 
 def collapsed_experts(usage, collapse_fraction):

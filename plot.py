@@ -2,12 +2,16 @@
 Draws a run's out_dir/metrics.jsonl (written by train.py at every log step and validation) as two PNGs
 next to it:
 
-    python plot.py out/shapes          # -> out/shapes/curves.png and out/shapes/experts.png
+    python plot.py out/shapes                  # -> out/shapes/curves.png and out/shapes/experts.png
+    python plot.py out/shapes --docs=True      # -> docs/shapes_{curves,experts,explain}.png, the README's figures
 
 curves.png: the LM loss (with the validation loss when the run held data out), the balance and z
 losses (summed over the MoECs, as in Eq. 10), the learning rate, and HGA's mean gate and edge weights.
 experts.png: per MoEC, the share of its routed tokens each expert got, as stacked areas over the steps
 (an expert whose band thins to nothing has collapsed; train.py warns about it).
+--docs=True writes those two into docs/ instead, and a third, explain.png: eval.py's explain_answer on the
+run's checkpoint (out_dir/ckpt) for one fixed image and question (each patch's top-1 expert, HGA's strongest
+inter-group edges). After `python train.py config/shapes.py` it remakes every figure in docs/.
 """
 import os
 import sys
@@ -16,9 +20,10 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt
 
-from eval import read_jsonl  # one reader of jsonl files, with errors that name the line
+import data
+from eval import explain_answer, read_jsonl  # read_jsonl: one reader of jsonl files, with errors that name the line
 
-FIGSIZE, DPI = (10, 6), 100  # every figure is 1000 x 600 pixels
+FIGSIZE, DPI = (10, 6), 100  # curves and experts are 1000 x 600 pixels
 
 
 def read_metrics(path):
@@ -86,10 +91,21 @@ def plot_experts(logs, path):
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python plot.py OUT_DIR   (the train.py out_dir holding metrics.jsonl)")
-    out_dir = sys.argv[1]
+    out_dir = sys.argv.pop(1) if len(sys.argv) > 1 and '=' not in sys.argv[1] else ''  # the train.py out_dir
+    docs = False                                    # True: write docs/shapes_*.png (the README's figures)
+    image = 'data/shapes/eval/gqa/images/n00004.png'  # docs=True: a held-out GQA image of four objects
+    question = 'Where is the red triangle?\nAnswer the question using a single word or phrase.'  # its GQA question
+    exec(open('configurator.py').read())  # --key=value overrides
+    if not out_dir:
+        raise SystemExit("usage: python plot.py OUT_DIR [--docs=True]   (the train.py out_dir holding metrics.jsonl)")
     logs, vals = read_metrics(os.path.join(out_dir, 'metrics.jsonl'))
-    plot_curves(logs, vals, os.path.join(out_dir, 'curves.png'))
-    plot_experts(logs, os.path.join(out_dir, 'experts.png'))
-    print(f"wrote {os.path.join(out_dir, 'curves.png')} and {os.path.join(out_dir, 'experts.png')}")
+    to, prefix = ('docs', 'shapes_') if docs else (out_dir, '')
+    paths = [os.path.join(to, f'{prefix}{name}.png') for name in ('curves', 'experts', 'explain')]
+    plot_curves(logs, vals, paths[0])
+    plot_experts(logs, paths[1])
+    if docs:
+        from mocha import MoCHA
+        model = MoCHA.from_pretrained(os.path.join(out_dir, 'ckpt')).eval()
+        picture = data.load_image(image, model.config.image_size)
+        print(f"Q: {question} A: {explain_answer(model, model.tokenizer, question, picture, paths[2])}")
+    print('wrote ' + ', '.join(paths[:3 if docs else 2]))

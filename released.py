@@ -53,7 +53,7 @@ def released_hga(x, group_sizes, k_intra=7, k_inter=3):
 
 
 def released_moec(moec, x):
-    """The MoEC output (Eqs. 2-4) per image, per expert, with `moec`'s own weights.
+    """The MoEC output (Eqs. 2-5) per image, per expert, with `moec`'s own weights.
     Re-types the expert loop of `MLPMoE.forward` in the released
     llava/model/multimodal_projector/moec_builder.py: softmax over the router logits in float32,
     top-k, renormalise, then for every image and every expert run the expert on the tokens that
@@ -75,7 +75,7 @@ def released_moec(moec, x):
 
 
 def tokenwise_moec(moec, x):
-    """Eqs. 2-4 of the paper token by token, with no released counterpart: y = sum over the
+    """Eqs. 2-5 of the paper token by token, with no released counterpart: y = sum over the
     top-k experts of p_hat_i E_i(x), every expert run densely on every token, then gathered.
     x: [B, N, d_in] -> [B, N, d_out]."""
     probs = moec.gate(x).float().softmax(-1)                                # [B, N, E]

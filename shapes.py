@@ -322,7 +322,7 @@ def scene_words(scene):
 
 TEXT_ALWAYS = (ask_where, ask_side)  # position in every text conversation: with 3-5 of 10 families drawn at random,
 # 2 seeds of 5 learnt neither "where" nor the yes/no side question in words, nor then on images; asked in every
-# conversation (and 3 epochs, config/shapes_lm.py), all 5 seeds learnt both (README, "Shapes results").
+# conversation (and 3 epochs, config/shapes_lm.py), all 5 seeds learnt both (docs/log.md, "Two epochs of the sampled question mix in the text step").
 
 
 def make_text_data(out_dir, rng, num_conversations, questions_per_image, caption_prob):

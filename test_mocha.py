@@ -246,6 +246,9 @@ def test_upcycled_moec_equals_its_mlp():
     single = MoEC(16, 24, num_experts=1, top_k=1)                           # or from a 1-expert MoEC
     torch.testing.assert_close(MoEC(16, 24).upcycle_from(single.state_dict())(x)[0], single(x)[0],
                                atol=1e-6, rtol=1e-5)
+    # a projector made for another LLM's width names the shapes instead of a size-mismatch deep in load_state_dict
+    with pytest.raises(ValueError, match=r"do not fit this connector's .*\(24,"):
+        MoEC(16, 24).upcycle_from(MoEC(16, 32, num_experts=1, top_k=1).state_dict())
 
 
 def test_moec_keeps_the_released_state_dict_layout(moec):
@@ -878,6 +881,9 @@ def test_load_image_pads_with_the_mean_colour(tmp_path):
     assert torch.equal(image[:, 10:20].permute(1, 2, 0), torch.from_numpy(pixels))  # centred, untouched
     small = data.load_image(str(tmp_path / 'wide.png'), 16)
     assert small.shape == (3, 16, 16) and torch.equal(small[:, 0, 0], pad.view(3))
+    # stage 1's 'crop' (CLIP's image processor): the short side to the size, then the centre; no padding
+    cropped = data.load_image(str(tmp_path / 'wide.png'), 10, aspect='crop')
+    assert torch.equal(cropped.permute(1, 2, 0), torch.from_numpy(pixels[:, 10:20]))
 
 
 def test_load_image_errors_name_the_path(tmp_path):
@@ -1800,10 +1806,10 @@ def config_names(script):
 
 
 def shown_commands():
-    """(where, script, args) of every `python X.py ...` / `torchrun ... X.py ...` shown in README.md, in the
-    entry points' docstrings and in the configs' comments."""
+    """(where, script, args) of every `python X.py ...` / `torchrun ... X.py ...` shown in README.md and docs/*.md,
+    in the entry points' docstrings and in the configs' comments."""
     import ast
-    texts = {'README.md': open('README.md').read()}
+    texts = {f: open(f).read() for f in ['README.md', *sorted(glob.glob('docs/*.md'))]}
     texts.update({f: ast.get_docstring(ast.parse(open(f).read())) or '' for f in ENTRY_POINTS if os.path.exists(f)})
     texts.update({f: open(f).read() for f in sorted(glob.glob('config/*.py'))})
     for where, text in texts.items():
@@ -1814,7 +1820,7 @@ def shown_commands():
 
 
 def test_every_command_shown_names_real_files_keys_and_paths(small_shapes):
-    """Every command the README, the docstrings and the configs show: the script and config files exist,
+    """Every command the README, docs/, the docstrings and the configs show: the script and config files exist,
     every --key is one the script reads, a --ckpt_dir is where train.py writes a config's checkpoint, and
     a shapes file has a name that shapes.py writes."""
     ckpt_dirs = {os.path.join(re.search(r"^out_dir = '([^']+)'", open(f).read(), re.M).group(1), 'ckpt')
@@ -1905,9 +1911,20 @@ def test_stage1_trains_only_moecs_and_stage2_starts_from_them(small_shapes, tmp_
 
     stage2_args = (f'--init_from={tmp_path}/stage1/ckpt', '--stage=2', '--template=phi',
                    f'--data_json={small_shapes}/instruct.json', '--gradient_checkpointing=True')
+    # the checkpoint brings its architecture: a setting that differs stops the run, named; so does upcycling
+    # over the MoECs it brings
+    for wrong, message in (('--num_experts=2', "num_experts=2 (the checkpoint's: 4)"),
+                           (f'--upcycle_from={tmp_path}/lr0/ckpt', 'already brings trained MoECs')):
+        result = subprocess.run([sys.executable, 'train.py', 'config/shapes.py', *stage2_args, wrong, '--llm=tiny',
+                                 '--llm_source=tiny', f'--out_dir={tmp_path}/wrong'], capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    # the loss weights of Eq. 10 are this run's, not the checkpoint's: at 0 the loss is the LM loss alone
     stage2_lr0, _ = run_train(small_shapes, tmp_path / 'stage2', *stage2_args, '--learning_rate=0.0',
-                              '--eval_shapes_at_end=True', '--shapes_benchmarks=pope')
+                              '--eval_shapes_at_end=True', '--shapes_benchmarks=pope', '--balance_coef=0.0',
+                              '--z_coef=0.0')
     assert_same(parts(stage2_lr0, 'moecs.'), parts(stage1, 'moecs.'))        # stage 2 starts from stage 1
+    logged = [json.loads(line) for line in (tmp_path / 'stage2' / 'metrics.jsonl').read_text().splitlines()]
+    assert all(r['loss'] == pytest.approx(r['lm_loss']) and r['balance_loss'] > 0 for r in logged)
     lr0_answers = (tmp_path / 'stage2' / 'eval' / 'pope_answers.jsonl').read_text()
     # a new run into the same out_dir: its own losses, and its own answers (the lr0 ones set aside, not resumed)
     stage2, losses, output = run_train(small_shapes, tmp_path / 'stage2', *stage2_args, '--eval_shapes_at_end=True',
@@ -2001,20 +2018,26 @@ def test_forward_stats_cover_every_moec_and_hga(tiny_mocha):
 
 
 def test_model_flops_leave_out_the_checkpointing_recompute(tokenizer_dir):
-    """count_flops (train.py's FLOP/s and MFU, bench.py's table): with gradient checkpointing the hardware
-    count grows by the decoder layers' forward and the model count stays the same. ~2 s."""
+    """count_flops (train.py's FLOP/s and MFU, bench.py's table) counts on fake tensors: the same FLOPs as
+    FlopCounterMode around the real step, without touching the model's gradients. With gradient checkpointing
+    the hardware count grows by the decoder layers' forward and the model count stays the same. ~3 s."""
+    from torch.utils.flop_counter import FlopCounterMode
     from mocha import count_flops
     torch.manual_seed(0)
     model = MoCHA(tiny_config(tokenizer_dir)).train()
-    ids, mask = batch_of([[5, IMAGE_TOKEN_ID, 6, 7, 8]])
+    ids, mask = batch_of([[5, IMAGE_TOKEN_ID, 6, 7, 8], [5, 6, 7, 8, 9]])
     batch = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX),
                  images=random_images(1))
     plain = count_flops(model, batch)
+    assert all(p.grad is None for p in model.parameters())
+    with FlopCounterMode(display=False) as real_step:  # the straightforward count: the real step, counted
+        model(**batch)['loss'].backward()
+    assert plain['model'] == plain['hardware'] == real_step.get_total_flops()
     model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     checkpointed = count_flops(model, batch)
-    assert plain['model'] == plain['hardware'] == checkpointed['model'] < checkpointed['hardware']
+    assert plain['model'] == checkpointed['model'] < checkpointed['hardware']
     layers = [name for name in checkpointed['by_module'] if re.search(r'llm\.model\.layers\.\d+$', name)]
-    assert len(layers) == 2 and checkpointed['out']['loss'].item() == pytest.approx(plain['out']['loss'].item())
+    assert len(layers) == 2
 
 
 def test_metrics_plot_and_explain_from_a_short_run(small_shapes, tmp_path):
@@ -2024,6 +2047,7 @@ def test_metrics_plot_and_explain_from_a_short_run(small_shapes, tmp_path):
     from mocha import collapsed_experts
     _, _, output = run_train(small_shapes, tmp_path, '--max_steps=4', '--val_fraction=0.25', '--eval_interval=2',
                              '--collapse_window=2', '--stage=2', '--template=phi', '--profile=True',
+                             '--gradient_checkpointing=True', '--trace_memory=True',
                              f'--data_json={small_shapes}/instruct.json', with_output=True)
     records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
     logs = [r for r in records if 'val_loss' not in r]
@@ -2031,6 +2055,11 @@ def test_metrics_plot_and_explain_from_a_short_run(small_shapes, tmp_path):
     assert [r['step'] for r in records if 'val_loss' in r] == [2, 4]
     assert all(math.isfinite(r['val_loss']) for r in records if 'val_loss' in r)
     assert output.count('val lm') == 2
+    # each step's peak (torch's MemTracker): the first needs no more than the later ones, whose AdamW state
+    # exists from their start (FLOPs are counted on fake tensors, not by holding a real step's activations)
+    peaks = [r['peak_memory'] for r in logs]
+    print('peaks', peaks)
+    assert peaks[0] <= min(peaks[1:]) and all(f"peak {p / 2 ** 30:.2f} GiB" in output for p in peaks)
     for r in logs:
         assert {'lr', 'loss', 'lm_loss', 'balance_loss', 'z_loss', 'tokens_per_s', 'flops_per_s', 'mfu'} <= set(r)
         assert r['flops_per_token'] > 0 and r['mfu'] is None                   # CPU: no known peak

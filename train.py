@@ -13,6 +13,7 @@ speed, FLOP/s, MFU, expert usage and HGA statistics to out_dir/metrics.jsonl (`p
 """
 import collections
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -24,17 +25,20 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed._tools.mem_tracker import MemTracker
 from tqdm import tqdm
 
-from data import TEMPLATES, LLaVADataset, collate, dry_run_report, length_grouped
-from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig, collapsed_experts, count_flops
+from data import IMAGE_ASPECTS, TEMPLATES, LLaVADataset, collate, dry_run_report, length_grouped
+from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig, collapsed_experts, count_flops, lean_memory_tracker
 
 # -----------------------------------------------------------------------------
 # default config: stage 1 of MoCHA-Phi2 (paper Table 8). config/*.py files override these.
 # I/O
 out_dir = 'out'
-init_from = 'scratch'      # 'scratch' | 'resume' (out_dir/ckpt) | a MoCHA checkpoint dir (stage 2 from stage 1)
-upcycle_from = ''          # a checkpoint dir whose 1-expert connectors (LLaVA's MLP) seed every expert (Table 4)
+init_from = 'scratch'      # 'scratch' | 'resume' (out_dir/ckpt) | a MoCHA checkpoint dir (stage 2 from stage 1);
+                           # a checkpoint brings its own architecture: a model setting that differs from it stops the run
+upcycle_from = ''          # a new (stage-1) run's MoECs start as copies of an MLP connector (Table 4): a checkpoint
+                           # dir of a 1-expert run (every encoder's), or LLaVA-1.5's mm_projector.bin (CLIP's)
 log_interval = 10          # optimizer steps
 save_interval = 1000       # optimizer steps; the end of the run always saves; 0 = only the end
 stop_at_step = 0           # stop (and save) after this many steps, as if the job were killed; 0 = never
@@ -46,12 +50,14 @@ eval_iters = 0             # batches per validation loss; 0 = the whole held-out
 collapse_fraction = 0.1    # WARNING when an expert's share of a MoEC's routed tokens stays below this
 collapse_window = 5        # fraction of the fair share 1/E, averaged over this many log steps
 profile = False            # time each part of the step (data, encoders, MoECs, HGA, LM, backward, optimizer): a table at the end
+trace_memory = False       # CPU: each step's peak bytes by torch's MemTracker into the log (slow); a GPU's are always logged
 # data
 data_json = 'playground/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json'
 image_folder = 'playground/data/LLaVA-Pretrain/images'
 val_fraction = 0.0         # hold out this fraction of data_json (the same samples every run) for the validation loss
 prepare_shapes_data = False  # write data/shapes first if it is missing (the offline world)
 template = 'plain'
+image_aspect = 'crop'      # 'crop' (stage 1, as LLaVA-1.5's pretrain.sh) | 'pad' to a square (stage 2; data.py says why)
 max_length = 2560          # text + visual tokens
 on_bad_sample = 'skip'     # 'skip' (and count) | 'error'
 dry_run = False            # print samples token by token, lengths and skips, then exit; loads no weights
@@ -75,6 +81,8 @@ top_k = 2
 hga = True
 k_intra = 7
 k_inter = 3
+balance_coef = 0.1         # Eq. 10: the weights of the MoECs' load-balancing loss
+z_coef = 0.01              #          and of their routers' z-loss
 llm = 'microsoft/phi-2'
 llm_source = 'pretrained'
 llm_layers = 0             # 'tiny'/'random' LLMs only: this many decoder layers instead of the config's
@@ -97,12 +105,15 @@ gradient_checkpointing = True
 seed = 1337
 config_keys = [k for k, v in globals().items()  # the lower-case globals above (constants are upper-case)
                if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+defaults = {k: globals()[k] for k in config_keys}
 exec(open('configurator.py').read())  # overrides from config/*.py and --key=value
 config = {k: globals()[k] for k in config_keys}  # what the checkpoint records: the config, no run-time state
+overridden = {k for k in config_keys if config[k] != defaults[k]}  # by a config file or the command line
 # -----------------------------------------------------------------------------
 # every process checks the enumerated options, so a typo never falls back to a default under torchrun
 for name, allowed in (('parallel', ('ddp', 'fsdp')), ('stage', (1, 2)), ('template', TEMPLATES),
                       ('fusion', ('sequence', 'channel')), ('on_bad_sample', ('skip', 'error')),
+                      ('image_aspect', IMAGE_ASPECTS),
                       ('dtype', ('float32', 'bfloat16', 'float16'))):
     if config[name] not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {config[name]!r}")
@@ -171,8 +182,10 @@ model_config = MoCHAConfig(
     encoder_resolution=dict(zip(ENCODER_ORDER, encoder_resolution if isinstance(encoder_resolution, tuple)
                                 else (encoder_resolution,) * len(ENCODER_ORDER))), image_size=image_size,
     feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
-    num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter,
-    llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None, template=template)
+    num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter, balance_coef=balance_coef,
+    z_coef=z_coef, llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None, template=template)
+ARCHITECTURE = ('encoders', 'encoder_source', 'encoder_resolution', 'image_size', 'feature_layer', 'fusion',
+                'num_experts', 'top_k', 'hga', 'k_intra', 'k_inter', 'llm', 'llm_source', 'llm_layers')
 
 def warn_past_trained_positions(llm_config):
     trained_positions = getattr(llm_config, 'max_position_embeddings', None)
@@ -192,7 +205,7 @@ if dry_run:  # the data as the model will get it; the architecture is built on t
     dry_tokenizer = AutoTokenizer.from_pretrained(tokenizer or llm)
     warn_past_trained_positions(shape_only.llm.config)
     problems = dry_run_report(LLaVADataset(data_json, image_folder, dry_tokenizer, template, image_size, max_length,
-                                           shape_only.num_visual_tokens, on_bad_sample=on_bad_sample),
+                                           shape_only.num_visual_tokens, on_bad_sample, image_aspect),
                               max_skipped_fraction=max_skipped_fraction)
     for problem in problems:
         print(f"PROBLEM: {problem}")
@@ -200,13 +213,37 @@ if dry_run:  # the data as the model will get it; the architecture is built on t
 
 # -----------------------------------------------------------------------------
 # model: scratch, or a checkpoint (resume, or stage 2 from stage 1)
+def check_settings_against(checkpoint_dir):
+    """A checkpoint rebuilds the architecture in its config.json: a model setting of this run that differs from
+    it would be ignored without a word, so it stops the run here, named; and upcycling would overwrite the
+    checkpoint's trained MoECs."""
+    with open(os.path.join(checkpoint_dir, 'config.json')) as f:
+        saved = json.load(f)
+    wanted = json.loads(json.dumps(dataclasses.asdict(model_config)))  # tuples as JSON lists, as saved
+    differing = [f"{k}={wanted[k]!r} (the checkpoint's: {saved[k]!r})" for k in ARCHITECTURE
+                 if k in overridden and wanted[k] != saved[k]]
+    if differing:
+        raise ValueError(f"init_from={init_from}: the model is rebuilt from {checkpoint_dir}/config.json, so these "
+                         f"settings would be ignored: {', '.join(differing)}. Drop them, or start from scratch.")
+    if upcycle_from and init_from != 'resume':
+        raise ValueError(f"upcycle_from={upcycle_from} seeds the MoECs of a new run (stage 1); init_from={init_from} "
+                         f"already brings trained MoECs, which it would overwrite")
+
+
+training_settings = dict(template=template, train_encoders=train_encoders, balance_coef=balance_coef, z_coef=z_coef)
 if init_from == 'resume':
     resume_dir = ckpt_dir if os.path.isdir(ckpt_dir) else ckpt_dir + '.old'  # .old: killed mid-save
-    model = MoCHA.from_pretrained(resume_dir, template=template, train_encoders=train_encoders)
+    check_settings_against(resume_dir)
+    model = MoCHA.from_pretrained(resume_dir, **training_settings)
 elif init_from != 'scratch':
-    model = MoCHA.from_pretrained(init_from, template=template, train_encoders=train_encoders)
+    check_settings_against(init_from)
+    model = MoCHA.from_pretrained(init_from, **training_settings)
 else:
     model = MoCHA(model_config)
+start_step, skipped_total = 0, 0
+if init_from == 'resume':  # the step now; the optimizer's state and the RNG once it is built
+    train_state = torch.load(os.path.join(resume_dir, 'train_state.pt'), weights_only=False)
+    start_step, skipped_total = train_state['step'], train_state['skipped']
 if upcycle_from and init_from != 'resume':  # paper Table 4: each MLP connector becomes an upcycled MoEC
     if os.path.isdir(upcycle_from):  # a MoCHA checkpoint with one expert per connector (num_experts=1, top_k=1)
         from safetensors.torch import load_file
@@ -217,7 +254,10 @@ if upcycle_from and init_from != 'resume':  # paper Table 4: each MLP connector 
         projector = torch.load(upcycle_from, map_location='cpu', weights_only=True)
         mlps = {'clip': {k.split('mm_projector.')[-1]: v for k, v in projector.items()}}
     for name, mlp in mlps.items():
-        model.moecs[name].upcycle_from(mlp)
+        try:
+            model.moecs[name].upcycle_from(mlp)
+        except ValueError as err:
+            raise ValueError(f"upcycle_from={upcycle_from}, the {name} connector: {err}") from None
     log(f"upcycled every expert of the {', '.join(mlps)} connector(s) from {upcycle_from}")
 
 # stage 1 trains the MoECs; stage 2 the MoECs and the LLM (the LLM alone with train_connectors=False).
@@ -237,7 +277,7 @@ log(f"stage {stage}: {sum(p.numel() for p in model.parameters() if p.requires_gr
 warn_past_trained_positions(model.llm.config)
 
 dataset = LLaVADataset(data_json, image_folder, tokenizer_, template, image_size, max_length,
-                       model.num_visual_tokens, on_bad_sample=on_bad_sample)
+                       model.num_visual_tokens, on_bad_sample, image_aspect)
 # the held-out slice for the validation loss: a fixed-seed draw, so the same samples whatever `seed` is
 held_out = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:math.ceil(val_fraction * len(dataset))]
 val_indices = sorted(held_out.tolist())
@@ -302,6 +342,26 @@ def estimate_val_loss():
     return global_sum(loss_sum) / max(global_sum(targets), 1)
 
 
+def step_inputs(batch, num_target_tokens):
+    """MoCHA.forward's arguments for one micro-batch, on the device."""
+    return dict(input_ids=batch['input_ids'].to(device), attention_mask=batch['attention_mask'].to(device),
+                labels=batch['labels'].to(device), images=batch['images'].to(device),
+                num_target_tokens=num_target_tokens, with_stats=True)
+
+
+def tokens_in(batch):
+    """Positions the LLM runs over: the text's, plus each image's visual tokens in place of its placeholder."""
+    return int(batch['attention_mask'].sum()) + len(batch['images']) * (dataset.num_visual_tokens - 1)
+
+
+# FLOPs per token, for FLOP/s and MFU: the first micro-batch's training step counted once, on fake tensors
+# (mocha.count_flops: no memory, so the first step needs no more than the others), before DDP/FSDP wrap the model
+batches = batches_from(start_step)
+first_batch = next(batches)
+batches = itertools.chain([first_batch], batches)
+with autocast:
+    flops_per_token = count_flops(model, step_inputs(first_batch, 1))['model'] / max(tokens_in(first_batch), 1)
+
 # -----------------------------------------------------------------------------
 # optimizer, parallel wrapper
 raw_model = model
@@ -350,14 +410,11 @@ def save_checkpoint(step, skipped):
         dist.barrier()
 
 
-start_step, skipped_total = 0, 0
 if init_from == 'resume':
-    train_state = torch.load(os.path.join(resume_dir, 'train_state.pt'), weights_only=False)
     # strict=False: parameters that never got a gradient (a ViT's layers after feature_layer) have no
     # optimizer state to restore
     set_optimizer_state_dict(model, optimizer, train_state['optimizer'],
                              options=dataclasses.replace(state_options, strict=False))
-    start_step, skipped_total = train_state['step'], train_state['skipped']
     torch.set_rng_state(train_state['rng'])
     log(f"resumed from {resume_dir} at step {start_step}")
 
@@ -423,7 +480,7 @@ def write_metrics(record):
 
 
 # -----------------------------------------------------------------------------
-# profile: wall seconds of each part of the training steps (after the first, which also counts FLOPs)
+# profile: wall seconds of each part of the training steps (after the first, which warms up)
 phase_seconds = collections.Counter()
 
 
@@ -446,14 +503,24 @@ if profile:
         for module in modules:
             time_forward(module, part)
 
+def step_memory_tracker():
+    """trace_memory on a CPU: torch's MemTracker around one step (a GPU's allocator keeps its own peak)."""
+    if not (trace_memory and device_type == 'cpu'):
+        return nullcontext()
+    tracker = lean_memory_tracker(MemTracker(), raw_model)
+    tracker.track_external(model, optimizer)
+    return tracker
+
+
 # the loop: one optimizer step = gradient_accumulation_steps micro-batches on every process
 model.train()
-batches = batches_from(start_step)
+if device_type == 'cuda':
+    torch.cuda.reset_peak_memory_stats(device)  # the steps' peaks, not loading's
 progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
                 desc=f'stage {stage}', dynamic_ncols=True)
 step, tick, tokens_seen, history = start_step, time.time(), 0, []
 stat_sums = torch.zeros(stats_width + 1, device=device)   # summed stats_vector, then how many were summed
-flops_per_token = None                                    # counted on the first micro-batch (mocha.count_flops)
+peak_bytes = 0                                            # the highest memory of the steps since the last log
 usage_window = collections.defaultdict(lambda: collections.deque(maxlen=collapse_window))  # MoEC -> [E] per log step
 warned = set()                                            # (MoEC, expert) collapsed and already warned about
 for step in progress:
@@ -466,34 +533,33 @@ for step in progress:
     global_targets = global_sum(sum(int((b['labels'][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
     targets_per_micro_batch = max(global_targets, 1) / (world_size * gradient_accumulation_steps)
     parts = torch.zeros(4, device=device)  # loss, lm, balance, z
-    for i, batch in enumerate(micro_batches):
-        skipped_total += batch['num_skipped']
-        micro_tokens = int(batch['attention_mask'].sum()) + len(batch['images']) * (raw_model.num_visual_tokens - 1)
-        tokens_seen += micro_tokens
-        last = i == gradient_accumulation_steps - 1
-        sync = nullcontext() if last or not distributed or parallel == 'fsdp' else model.no_sync()
-        inputs = dict(input_ids=batch['input_ids'].to(device), attention_mask=batch['attention_mask'].to(device),
-                      labels=batch['labels'].to(device), images=batch['images'].to(device),
-                      num_target_tokens=targets_per_micro_batch, with_stats=True)
-        with sync, autocast:
-            if flops_per_token is None:  # once: the same step, run under torch's FLOP counter
-                counted = count_flops(model, inputs, loss_scale=1 / gradient_accumulation_steps)
-                out, flops_per_token = counted['out'], counted['model'] / max(micro_tokens, 1)
-            else:
+    memory = step_memory_tracker()
+    with memory:
+        for i, batch in enumerate(micro_batches):
+            skipped_total += batch['num_skipped']
+            tokens_seen += tokens_in(batch)
+            last = i == gradient_accumulation_steps - 1
+            sync = nullcontext() if last or not distributed or parallel == 'fsdp' else model.no_sync()
+            with sync, autocast:
                 started = clock()
-                out = model(**inputs)
+                out = model(**step_inputs(batch, targets_per_micro_batch))
+                del out['logits']  # the loss has what backward needs: the [B, L, V] logits need not live through it
                 forward_done = clock()
                 (out['loss'] / gradient_accumulation_steps).backward()
                 phase_seconds.update({'forward': forward_done - started, 'backward': clock() - forward_done})
-        parts += torch.stack([out['loss'].detach(), out['lm_loss'], out['balance_loss'], out['z_loss']]).float()
-        if out['stats']:  # empty when the micro-batch has no image
-            stat_sums += torch.cat([stats_vector(out['stats']), stat_sums.new_ones(1)])
-    started = clock()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    phase_seconds['optimizer'] += clock() - started
+            parts += torch.stack([out['loss'].detach(), out['lm_loss'], out['balance_loss'], out['z_loss']]).float()
+            if out['stats']:  # empty when the micro-batch has no image
+                stat_sums += torch.cat([stats_vector(out['stats']), stat_sums.new_ones(1)])
+        started = clock()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phase_seconds['optimizer'] += clock() - started
+    if isinstance(memory, MemTracker):
+        peak_bytes = max(peak_bytes, memory.get_tracker_snapshot('peak')[torch.device(device)]['Total'])
+    elif device_type == 'cuda':
+        peak_bytes = torch.cuda.max_memory_allocated(device)
     if distributed:
         dist.all_reduce(parts)
     loss, lm_loss, balance_loss, z_loss = (parts / (world_size * gradient_accumulation_steps)).tolist()
@@ -505,13 +571,15 @@ for step in progress:
         mfu = flops_per_s / (device_peak_flops * world_size) if device_peak_flops else None
         log(f"step {step + 1}/{total_steps} loss {loss:.4f} lm {lm_loss:.4f} balance {balance_loss:.4f} "
             f"z {z_loss:.4f} lr {lr_at(step):.2e} tok/s {tokens_per_s:.0f} TFLOP/s {flops_per_s / 1e12:.3g} "
-            + (f"MFU {100 * mfu:.1f}% " if mfu is not None else '') + f"skipped {skipped}")
+            + (f"MFU {100 * mfu:.1f}% " if mfu is not None else '') + f"skipped {skipped}"
+            + (f" peak {peak_bytes / 2 ** 30:.2f} GiB" if peak_bytes else ''))
         if distributed:
             dist.all_reduce(stat_sums)
         inside = stats_record(stat_sums[:-1] / stat_sums[-1]) if stat_sums[-1] > 0 else {}
         record = dict(step=step + 1, lr=lr_at(step), loss=loss, lm_loss=lm_loss, balance_loss=balance_loss,
                       z_loss=z_loss, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token,
-                      flops_per_s=flops_per_s, mfu=mfu, skipped=skipped, collapsed=[], **inside)
+                      flops_per_s=flops_per_s, mfu=mfu, skipped=skipped, peak_memory=peak_bytes or None,
+                      collapsed=[], **inside)
         if inside:
             log('  experts ' + ' | '.join(f"{name} {' '.join(f'{u:.2f}' for u in s['usage'])} (entropy {s['entropy']:.2f})"
                                           for name, s in inside['moec'].items())
@@ -530,8 +598,10 @@ for step in progress:
                         f"warned below {collapse_fraction:g} of it)")
             warned = {(n, e) for n, e in warned if n != name} | {(name, e) for e in collapsed}  # warn again after a recovery
         write_metrics(record)
-        tick, tokens_seen = time.time(), 0
+        tick, tokens_seen, peak_bytes = time.time(), 0, 0
         stat_sums.zero_()
+        if device_type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(device)
     if master:
         progress.set_postfix(loss=f'{loss:.3f}')
     done = step + 1 == total_steps or step + 1 == stop_at_step

@@ -1,22 +1,22 @@
-# The offline shapes world: a tiny MoCHA (all four tiny encoders, MoECs, HGA, a tiny Llama-style LM)
-# trained on 2 CPU cores in minutes, then scored on the held-out shapes POPE / GQA / MME.
-# The tiny encoders have no pretrained weights: they stay random and frozen, as the real configs freeze
-# theirs. Random, they already carry an object's colour, shape and cell (a linear probe on its own SigLIP
-# token: 93 %, 98 %, 100 %). From the text-pretrained LM, frozen encoders cleared every target on 5 seeds of
-# 5, as the encoders trained at 1/100 of the learning rate (the default until then) did, and the 1 100 image
-# steps take 5 min 26 s instead of 8 min 7 s to 8 min 41 s (README, "Shapes results"). Trained at the full
-# rate the model never learns to use the image (README, "The shapes world").
-# The LM is the tiny Llama after its text pretraining, shipped in weights/shapes-lm (config/shapes_lm.py's
-# output; that command rebuilds it in 19 min, then --llm=out/shapes-lm/llm names the rebuilt one). From a random LM,
-# *when* the run learnt to check the image for a named object ("is there a red circle?") varied from seed
-# to seed: POPE near chance for the first 1 000 steps, then climbing on some seeds and not on others
-# within 2 247. From the text-pretrained LM every seed checks by 1 100 steps (README, "Shapes results").
+# The shapes world's image step, the Quick Start: a tiny MoCHA (the four encoder families as tiny towers,
+# MoECs E=4 k=2, HGA, a tiny Llama-style LM) trained in stage 2 on data/shapes/instruct.json on 2 CPU cores,
+# then scored on the held-out shapes POPE / GQA / MME. docs/shapes.md says why each value is what it is.
+#   python train.py config/shapes.py      # about 4.5 min on 2 idle cores: data, 1 100 steps, the scores
+# The LM is the tiny Llama after its text step, shipped in weights/shapes-lm (config/shapes_lm.py's output;
+# that command rebuilds it in 19 min, then --llm=out/shapes-lm/llm names the rebuilt one). From it every seed
+# tried learns to check the image for a named object ("is there a red circle?") within the 1 100 steps; from a
+# random LM, whether and when a run learnt that varied from seed to seed (docs/log.md).
+# The tiny encoders have no pretrained weights: they stay random and frozen, as the real configs freeze theirs.
+# Random, they already carry an object's colour, shape and cell (a linear probe on its own SigLIP token: 93 %,
+# 98 %, 100 %). Trained at the full learning rate the model never learns to use the image; at 1/100
+# (--train_encoders=True) it reaches what frozen ones reach, more slowly (docs/log.md).
 out_dir = 'out/shapes'
 prepare_shapes_data = True
 data_json = 'data/shapes/instruct.json'
 image_folder = 'data/shapes/images'
 eval_shapes_at_end = True
 template = 'phi'
+image_aspect = 'pad'           # stage 2's (the scenes are square: nothing to pad)
 stage = 2                      # MoECs + LLM (+ encoders); a stage 1 first (MoECs alone) is not tried yet
 encoder_source = 'tiny'
 encoder_resolution = (48, 64, 48, 48)  # siglip, convnext, clip, dinov2: ViT tokens on the scene's 3x3 grid
@@ -30,7 +30,7 @@ max_length = 512
 learning_rate = 1e-3           # 3e-3, 5e-4: val LM loss 0.61, 0.53 vs 0.47 at 500 steps (frozen enc.)
 batch_size = 16
 epochs = 3                     # 11 995 samples after the held-out 2 %, 2 247 steps, but cut at max_steps:
-max_steps = 1100               # with the pretrained LM the scores are seed-independent by then (README)
+max_steps = 1100               # from the shipped LM every seed clears every target by then (docs/results.md)
 num_workers = 1
 log_interval = 20
 save_interval = 200

@@ -17,6 +17,6 @@ max_length = 2560              # text + 1693 visual tokens
 dtype = 'bfloat16'
 gradient_checkpointing = True
 save_interval = 1000
-# Memory per GPU, traced by `python bench.py --table=memory` (one step at these settings, 8 GPUs):
-# DDP peaks at 34.6 GiB (17.5 of it the float32 frozen encoders and Phi-2): fits 8x80 and 8x48 GB.
-# 8x24 GB: parallel = 'fsdp' (17.1 GiB), batch_size and gradient_accumulation_steps unchanged.
+# Memory per GPU, traced by `python bench.py --table=memory` (one step at these settings, 8 GPUs;
+# docs/benchmarks.md): DDP peaks at 29.1 GiB (17.5 of it the float32 frozen encoders and Phi-2): fits 8x80 and
+# 8x48 GB. 8x24 GB: parallel = 'fsdp' (14.9 GiB), batch_size and gradient_accumulation_steps unchanged.

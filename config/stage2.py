@@ -6,6 +6,7 @@ init_from = 'out/mocha-phi2-stage1/ckpt'
 data_json = 'playground/data/llava_v1_5_mix665k.json'  # LLaVA-v1.5 mix 665K
 image_folder = 'playground/data'                       # coco/, gqa/, ocr_vqa/, textvqa/, vg/ below it
 template = 'phi'
+image_aspect = 'pad'           # LLaVA-1.5's finetune.sh (stage 1 crops the centre)
 stage = 2
 learning_rate = 2e-5
 weight_decay = 0.0
@@ -17,9 +18,8 @@ max_length = 2560
 dtype = 'bfloat16'
 gradient_checkpointing = True
 save_interval = 1000
-# Memory per GPU, traced by `python bench.py --table=memory` (one step at these settings, 8 GPUs):
-# a DDP replica peaks at 72.8 GiB (float32 weights 17.5, gradients 10.9, AdamW 21.8), over 90 % of an
-# 80 GB card, so FSDP is the default: 28.8 GiB, fits 8x80 and 8x48 GB. DDP fits 80 GB at
-# batch_size = 2, gradient_accumulation_steps = 2 (63.7 GiB; global batch still 32).
-# 8x24 GB: FSDP with batch_size = 1, gradient_accumulation_steps = 4 (19.8 GiB).
+# Memory per GPU, traced by `python bench.py --table=memory` (one step at these settings, 8 GPUs;
+# docs/benchmarks.md): FSDP peaks at 17.5 GiB, so this config runs on 8x80, 8x48 (the paper's L40s) and 8x24 GB
+# cards as it is. A DDP replica peaks at 57.2 GiB (float32 weights 17.5, gradients 10.9, AdamW 21.8): on 8x80 GB
+# cards parallel = 'ddp' fits too.
 parallel = 'fsdp'
