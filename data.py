@@ -26,9 +26,10 @@ from mocha import IGNORE_INDEX, IMAGE_TOKEN_ID  # -100, and -200: LLaVA's placeh
 IMAGE_TEXT = '<image>'
 
 # -----------------------------------------------------------------------------
-# images. LLaVA-1.5's released scripts, which MoCHA's reuse: stage 1 (pretrain.sh) leaves image_aspect_ratio at
-# 'square', where CLIP's image processor resizes the short side and crops the centre; stage 2 (finetune.sh) sets
-# 'pad', and evaluation follows the stage-2 model's setting. Nothing in an image is lost to a crop after stage 1.
+# images. The released MoCHA scripts, as LLaVA-1.5's: stage 1 (scripts/moec_phi/pretrain.sh) leaves
+# image_aspect_ratio at LLaVA's default 'square', where CLIP's image processor resizes the short side and crops the
+# centre; stage 2 (scripts/moec_phi/finetune.sh) passes --image_aspect_ratio pad, and evaluation follows the
+# stage-2 model's setting. Nothing in an image is lost to a crop after stage 1.
 IMAGE_ASPECTS = ('crop', 'pad')
 
 # LLaVA-1.5's 'pad' mode (expand2square) fills with the image processor's mean colour,

@@ -1913,11 +1913,11 @@ def test_stage1_trains_only_moecs_and_stage2_starts_from_them(small_shapes, tmp_
                    f'--data_json={small_shapes}/instruct.json', '--gradient_checkpointing=True')
     # the checkpoint brings its architecture: a setting that differs stops the run, named; so does upcycling
     # over the MoECs it brings
-    for wrong, message in (('--num_experts=2', "num_experts=2 (the checkpoint's: 4)"),
-                           (f'--upcycle_from={tmp_path}/lr0/ckpt', 'already brings trained MoECs')):
-        result = subprocess.run([sys.executable, 'train.py', 'config/shapes.py', *stage2_args, wrong, '--llm=tiny',
-                                 '--llm_source=tiny', f'--out_dir={tmp_path}/wrong'], capture_output=True, text=True)
-        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, 'train.py', 'config/shapes.py', *stage2_args, '--num_experts=2',
+                             f'--upcycle_from={tmp_path}/lr0/ckpt', '--llm=tiny', '--llm_source=tiny',
+                             f'--out_dir={tmp_path}/wrong'], capture_output=True, text=True)
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert "num_experts=2 (the checkpoint's: 4)" in result.stderr and 'already brings trained MoECs' in result.stderr
     # the loss weights of Eq. 10 are this run's, not the checkpoint's: at 0 the loss is the LM loss alone
     stage2_lr0, _ = run_train(small_shapes, tmp_path / 'stage2', *stage2_args, '--learning_rate=0.0',
                               '--eval_shapes_at_end=True', '--shapes_benchmarks=pope', '--balance_coef=0.0',
@@ -2186,9 +2186,17 @@ def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_
         torch.testing.assert_close(full_state[k], resumed_state[k], atol=1e-5, rtol=1e-5)
 
 
-def test_encoder_lr_scale_sets_how_fast_trained_encoders_move(small_shapes, tmp_path):
+@pytest.fixture(scope='module')
+def one_process_stage2(small_shapes, tmp_path_factory):
+    """(weights, losses) of a 3-step stage-2 run of the shapes world on one process, batch 4, encoders frozen:
+    the reference of the FSDP test and of the encoder_lr_scale test."""
+    return run_train(small_shapes, tmp_path_factory.mktemp('stage2') / 'one', '--stage=2', '--template=phi',
+                     f'--data_json={small_shapes}/instruct.json', '--batch_size=4')
+
+
+def test_encoder_lr_scale_sets_how_fast_trained_encoders_move(small_shapes, tmp_path, one_process_stage2):
     args = ('--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json')
-    frozen, _ = run_train(small_shapes, tmp_path / 'frozen', *args)
+    frozen, _ = one_process_stage2  # the same run with frozen encoders
     still, _ = run_train(small_shapes, tmp_path / 'scale0', *args, '--train_encoders=True', '--encoder_lr_scale=0.0')
     moving, _ = run_train(small_shapes, tmp_path / 'scale1', *args, '--train_encoders=True', '--encoder_lr_scale=1.0')
     assert_same(parts(still, 'encoders.'), parts(frozen, 'encoders.'))            # lr 0: bit-identical
@@ -2207,9 +2215,9 @@ def test_llm_layers_sets_the_depth_of_a_tiny_lm_and_travels_with_the_checkpoint(
     assert model.config.llm_layers == 3 and len(model.llm.model.layers) == 3
 
 
-def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path):
+def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path, one_process_stage2):
     args = ('--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json')
-    _, one = run_train(small_shapes, tmp_path / 'one', *args, '--batch_size=4')
+    _, one = one_process_stage2
     _, sharded = run_train(small_shapes, tmp_path / 'fsdp', *args, '--batch_size=2', '--parallel=fsdp', nproc=2)
     assert len(one) == len(sharded) == 3
     assert one[0] == pytest.approx(sharded[0], abs=1e-5)  # the same forward, sharded

@@ -57,7 +57,7 @@ image_folder = 'playground/data/LLaVA-Pretrain/images'
 val_fraction = 0.0         # hold out this fraction of data_json (the same samples every run) for the validation loss
 prepare_shapes_data = False  # write data/shapes first if it is missing (the offline world)
 template = 'plain'
-image_aspect = 'crop'      # 'crop' (stage 1, as LLaVA-1.5's pretrain.sh) | 'pad' to a square (stage 2; data.py says why)
+image_aspect = 'crop'      # 'crop' (stage 1, as the released pretrain.sh) | 'pad' to a square (stage 2; data.py says why)
 max_length = 2560          # text + visual tokens
 on_bad_sample = 'skip'     # 'skip' (and count) | 'error'
 dry_run = False            # print samples token by token, lengths and skips, then exit; loads no weights
@@ -222,12 +222,13 @@ def check_settings_against(checkpoint_dir):
     wanted = json.loads(json.dumps(dataclasses.asdict(model_config)))  # tuples as JSON lists, as saved
     differing = [f"{k}={wanted[k]!r} (the checkpoint's: {saved[k]!r})" for k in ARCHITECTURE
                  if k in overridden and wanted[k] != saved[k]]
-    if differing:
-        raise ValueError(f"init_from={init_from}: the model is rebuilt from {checkpoint_dir}/config.json, so these "
-                         f"settings would be ignored: {', '.join(differing)}. Drop them, or start from scratch.")
+    problems = [f"the model is rebuilt from {checkpoint_dir}/config.json, so these settings would be ignored: "
+                f"{', '.join(differing)}; drop them, or start from scratch"] if differing else []
     if upcycle_from and init_from != 'resume':
-        raise ValueError(f"upcycle_from={upcycle_from} seeds the MoECs of a new run (stage 1); init_from={init_from} "
-                         f"already brings trained MoECs, which it would overwrite")
+        problems.append(f"upcycle_from={upcycle_from} seeds the MoECs of a new run (stage 1), and the checkpoint "
+                        f"already brings trained MoECs, which it would overwrite")
+    if problems:
+        raise ValueError(f"init_from={init_from}: " + '; and '.join(problems))
 
 
 training_settings = dict(template=template, train_encoders=train_encoders, balance_coef=balance_coef, z_coef=z_coef)
