@@ -1,6 +1,6 @@
 """
 Executable documentation of nanoMoCHA: every test name states a property, its body checks it.
-Run: python -m pytest -q        (CPU, offline; a few minutes on 2 cores)
+Run: python -m pytest -q -n 2   (CPU, offline; two pytest-xdist workers, about 5 minutes on 2 cores)
 
 Sections: mocha.py (encoders, MoEC, HGA, the splice, generation, checkpoints) · data.py · eval.py ·
 train.py (real `python train.py` / `torchrun` runs on a small shapes world).
@@ -182,6 +182,116 @@ def test_full_size_architectures_build_offline_with_paper_shapes():
     assert 300e6 < counts['dinov2'] < 310e6 and 840e6 < counts['convnext'] < 850e6
     assert 2.7e9 < sum(p.numel() for p in phi2.parameters()) < 2.8e9
     assert 6.7e9 < sum(p.numel() for p in vicuna.parameters()) < 6.8e9
+
+# -----------------------------------------------------------------------------
+# full size: the real widths, vocabularies, resolution and token counts, one layer per tower
+
+
+def full_size_step(tmp_path, llm, stage, template, tokenizer, conversations, learning_rate):
+    """One optimizer step at full width, taken as train.py takes it, on CPU in float32 (bf16 autocast is
+    slow on CPUs without bf16 units; train.py keeps bf16 for GPUs). train.py itself is a script that ends
+    by writing a checkpoint, gigabytes at these widths, so this makes its calls in its order: MoCHA from
+    MoCHAConfig, the stage's requires_grad, gradient checkpointing, LLaVADataset + collate at
+    max_length=2560, the forward with the batch's target count (Eq. 10), backward, clip_grad_norm_, AdamW.
+    Every tower has one layer (encoder_layers, llm_layers: ConvNeXt one block per stage), and the LLM's
+    vocabulary is cut to 4096 rows (HF's resize_token_embeddings): nothing else depends on it, and at Phi-2's
+    51200 the LM head over 2560 positions and its AdamW state took more than half of a 100 s step. Widths,
+    resolution, visual-token counts and positions are real. Returns the model after the step, the batch, the forward's outputs, the rotary embedding's positions
+    and angles, and the weights (a gate, the LM head) from before the step."""
+    torch.manual_seed(0)
+    model = MoCHA(MoCHAConfig(encoder_source='random', llm=llm, llm_source='random', tokenizer=tokenizer,
+                              template=template, encoder_layers=1, llm_layers=1))
+    assert model.llm.config.vocab_size == LLM_SPECS[llm][1]['vocab_size']
+    model.llm.resize_token_embeddings(4096)
+    model.requires_grad_(False)
+    model.moecs.requires_grad_(True)
+    model.llm.requires_grad_(stage == 2)
+    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    model.llm.config.use_cache = False
+    model.train()
+    pixels = np.random.RandomState(0).randint(0, 256, (480, 640, 3), dtype=np.uint8)  # padded to square, resized
+    Image.fromarray(pixels).save(tmp_path / 'photo.png')
+    (tmp_path / 'data.json').write_text(json.dumps([dict(id='full', image='photo.png', conversations=conversations)]))
+    dataset = data.LLaVADataset(str(tmp_path / 'data.json'), str(tmp_path), model.tokenizer, template, 336, 2560,
+                                model.num_visual_tokens)
+    tokenizer = model.tokenizer
+    batch = data.collate([dataset[0]], tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                         else tokenizer.eos_token_id, 336)
+    rotary = []
+    model.llm.model.rotary_emb.register_forward_hook(
+        lambda module, args, kwargs, output: rotary.append((kwargs['position_ids'], output[0])), with_kwargs=True)
+    before = {'gate': model.moecs['siglip'].gate.weight.detach().clone(),
+              'lm_head': model.llm.get_output_embeddings().weight[:4].detach().clone()}
+    num_targets = int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
+    out = model(batch['input_ids'], batch['attention_mask'], batch['labels'], batch['images'], num_targets)
+    out['loss'].backward()
+    out['logits'] = out['logits'].shape
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    torch.optim.AdamW(trainable, lr=learning_rate, betas=(0.9, 0.999), weight_decay=0.0, fused=False).step()
+    return model, batch, out, rotary, before
+
+
+def assert_full_size_encoders(model):
+    """All four encoders at 336 px: SigLIP's 384-px positions interpolated to 21x21, ConvNeXt-XXL's
+    4-px stem and 4 stages up to 3072 channels (pooled in threes), CLIP-L/14 and DINOv2-L/14 at 24x24."""
+    assert model.group_sizes == [441, 100, 576, 576] and model.num_visual_tokens == 1693  # Table 9
+    assert model.encoders.dims == [1024] * 4 and model.encoders.encoders['siglip'].interpolate
+    convnext = model.encoders.encoders['convnext'].backbone
+    assert [(f['num_chs'], f['reduction']) for f in convnext.feature_info] == [(384, 4), (768, 8), (1536, 16),
+                                                                               (3072, 32)]
+    assert [len(stage.blocks) for stage in convnext.stages] == [1, 1, 1, 1]
+
+
+def test_phi2_stage2_step_at_full_width_reaches_2560_positions(tokenizer_dir, tmp_path):
+    """The path users pay for, config/stage2.py: MoECs + Phi-2 learn on a sample that fills max_length=2560
+    once its image is spliced in; Phi-2 was trained on 2048 positions and takes the rest by extrapolating
+    its rotary angles. 24-69 s on 2 cores (the more, the busier they were with other jobs), 6 GB of memory."""
+    turns = human_gpt('<image>\nis there a red circle ?', 'yes') + human_gpt('what color is the circle ?', 'red') * 120
+    model, batch, out, rotary, before = full_size_step(tmp_path, 'microsoft/phi-2', 2, 'phi', tokenizer_dir, turns,
+                                                       learning_rate=2e-5)
+    assert_full_size_encoders(model)
+    assert len(model.llm.model.layers) == 1 and model.llm.config.hidden_size == 2560
+    assert batch['input_ids'].shape == (1, 2560 - 1692)                  # cut to fit, the placeholder kept
+    assert (batch['input_ids'] == IMAGE_TOKEN_ID).sum() == 1 and out['logits'] == (1, 2560, 4096)
+    assert all(math.isfinite(out[k].item()) for k in ('loss', 'lm_loss', 'balance_loss', 'z_loss'))
+    # positions 2048-2559: rotary angles computed for them (extrapolated), not clamped to 2047
+    (position_ids, cos), = rotary
+    assert position_ids.max() == 2559 and model.llm.config.max_position_embeddings == 2048
+    inv_freq = model.llm.model.rotary_emb.inv_freq
+    torch.testing.assert_close(cos[0, 2559, :len(inv_freq)], torch.cos(2559 * inv_freq))
+    # gradients: every MoEC and LLM weight (under gradient checkpointing), no encoder weight
+    for name, p in itertools.chain(model.moecs.named_parameters(), model.llm.named_parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(moec.experts[e][0].weight.grad.abs().sum() > 0 for moec in model.moecs.values() for e in range(4))
+    assert all(p.grad is None and not p.requires_grad for p in model.encoders.parameters())
+    assert not torch.equal(model.moecs['siglip'].gate.weight, before['gate'])
+    assert not torch.equal(model.llm.get_output_embeddings().weight[:4], before['lm_head'])
+
+
+def test_vicuna_stage1_step_at_full_width_trains_only_the_moecs(sp_llama_dir, tmp_path):
+    """config/stage1_vicuna7b.py: the MoECs (1024 -> 4096) learn through a frozen Vicuna-width LLM, on an
+    image and a caption as LCS-558K has them (plain template, ~1.75k positions), read by a Llama-style
+    SentencePiece tokenizer. 41-82 s on 2 cores (the more, the busier), 8 GB of memory: the 4096-wide
+    layer over ~1.75k positions, run twice (gradient checkpointing), and AdamW over 336M connector weights."""
+    caption = 'a large red circle at the top left and a small blue square next to it'
+    model, batch, out, rotary, before = full_size_step(tmp_path, 'lmsys/vicuna-7b-v1.5', 1, 'plain', sp_llama_dir(),
+                                                       human_gpt('<image>\nDescribe the image.', caption),
+                                                       learning_rate=1e-3)
+    assert_full_size_encoders(model)
+    assert len(model.llm.model.layers) == 1 and model.llm.config.hidden_size == 4096
+    assert all(moec.experts[0][2].out_features == 4096 for moec in model.moecs.values())
+    length = batch['input_ids'].shape[1] + 1692
+    assert batch['input_ids'][0, :2].tolist() == [1, IMAGE_TOKEN_ID] and out['logits'] == (1, length, 4096)
+    assert 1700 < length < 1800                                              # <s>, 1693 visual tokens, caption
+    assert all(math.isfinite(out[k].item()) for k in ('loss', 'lm_loss', 'balance_loss', 'z_loss'))
+    for name, p in model.moecs.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(p.grad is None and not p.requires_grad for p in model.llm.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.encoders.parameters())
+    assert not torch.equal(model.moecs['siglip'].gate.weight, before['gate'])
+    assert torch.equal(model.llm.get_output_embeddings().weight[:4], before['lm_head'])
+
 
 # -----------------------------------------------------------------------------
 # MoEC (Eqs. 2-5)
@@ -1777,11 +1887,19 @@ def test_config_shapes_starts_from_the_shipped_text_pretrained_lm():
     assert {'empty', 'large_red_circle', 'Answer'} <= set(model.tokenizer.get_vocab())
 
 
-def test_checkpoint_config_holds_exactly_the_config_globals(small_shapes, tmp_path):
-    run_train(small_shapes, tmp_path / 'run', '--max_steps=1', '--save_interval=0')  # 0: saved at the end only
-    saved = torch.load(tmp_path / 'run' / 'ckpt' / 'train_state.pt', weights_only=False)['config']
-    assert set(saved) == train_defaults() and saved['max_steps'] == 1 and saved['template'] == 'plain'
-    assert saved['save_interval'] == 0
+@pytest.fixture(scope='module')
+def one_step_deep_run(small_shapes, tmp_path_factory):
+    """The out_dir of a 1-step stage-2 run with a 3-layer tiny LM that saves at the end only (save_interval=0)."""
+    out = tmp_path_factory.mktemp('deep') / 'deep'
+    run_train(small_shapes, out, '--stage=2', '--template=phi', '--llm_layers=3', '--max_steps=1', '--save_interval=0',
+              f'--data_json={small_shapes}/instruct.json')
+    return out
+
+
+def test_checkpoint_config_holds_exactly_the_config_globals(one_step_deep_run):
+    saved = torch.load(one_step_deep_run / 'ckpt' / 'train_state.pt', weights_only=False)['config']
+    assert set(saved) == train_defaults() and saved['max_steps'] == 1 and saved['template'] == 'phi'
+    assert saved['save_interval'] == 0  # 0: saved at the end only
 
 
 def test_an_invalid_option_stops_every_process_with_a_clear_error(small_shapes, tmp_path):
@@ -2204,14 +2322,13 @@ def test_encoder_lr_scale_sets_how_fast_trained_encoders_move(small_shapes, tmp_
     assert patch and all(not torch.equal(moving[k], frozen[k]) for k in patch)
 
 
-def test_llm_layers_sets_the_depth_of_a_tiny_lm_and_travels_with_the_checkpoint(small_shapes, tmp_path):
+def test_llm_layers_sets_the_depth_of_a_tiny_lm_and_travels_with_the_checkpoint(one_step_deep_run):
     """train.py --llm_layers=3 (the shapes LM has 2): three decoder layers are trained and saved, and the
     checkpoint rebuilds them, as eval.py loads it."""
-    weights, _ = run_train(small_shapes, tmp_path / 'deep', '--stage=2', '--template=phi', '--llm_layers=3',
-                           f'--data_json={small_shapes}/instruct.json', '--max_steps=1')
+    weights = load_file(one_step_deep_run / 'ckpt' / 'model.safetensors')
     layers = {k.split('.')[3] for k in weights if k.startswith('llm.model.layers.')}
     assert layers == {'0', '1', '2'}
-    model = MoCHA.from_pretrained(tmp_path / 'deep' / 'ckpt')
+    model = MoCHA.from_pretrained(one_step_deep_run / 'ckpt')
     assert model.config.llm_layers == 3 and len(model.llm.model.layers) == 3
 
 
@@ -2278,113 +2395,3 @@ def test_ablate_starts_each_run_after_its_own_sources_only(tmp_path, monkeypatch
         ablate.sources('upcycled', 2, [], checkpoint_of)
     monkeypatch.setattr(ablate, 'lm_config', '')  # --lm_config= : no text step, so nothing to wait for but the upcycled MLP
     assert ablate.sources('upcycled', 0, [], checkpoint_of) == [('mlp', 0)]
-
-
-# -----------------------------------------------------------------------------
-# full size: the real widths, vocabularies, resolution and token counts, one layer per tower
-
-
-def full_size_step(tmp_path, llm, stage, template, tokenizer, conversations, learning_rate):
-    """One optimizer step at full width, taken as train.py takes it, on CPU in float32 (bf16 autocast is
-    slow on CPUs without bf16 units; train.py keeps bf16 for GPUs). train.py itself is a script that ends
-    by writing a checkpoint, gigabytes at these widths, so this makes its calls in its order: MoCHA from
-    MoCHAConfig, the stage's requires_grad, gradient checkpointing, LLaVADataset + collate at
-    max_length=2560, the forward with the batch's target count (Eq. 10), backward, clip_grad_norm_, AdamW.
-    Every tower has one layer (encoder_layers, llm_layers: ConvNeXt one block per stage), and the LLM's
-    vocabulary is cut to 4096 rows (HF's resize_token_embeddings): nothing else depends on it, and at Phi-2's
-    51200 the LM head over 2560 positions and its AdamW state took more than half of a 100 s step. Widths,
-    resolution, visual-token counts and positions are real. Returns the model after the step, the batch, the forward's outputs, the rotary embedding's positions
-    and angles, and the weights (a gate, the LM head) from before the step."""
-    torch.manual_seed(0)
-    model = MoCHA(MoCHAConfig(encoder_source='random', llm=llm, llm_source='random', tokenizer=tokenizer,
-                              template=template, encoder_layers=1, llm_layers=1))
-    assert model.llm.config.vocab_size == LLM_SPECS[llm][1]['vocab_size']
-    model.llm.resize_token_embeddings(4096)
-    model.requires_grad_(False)
-    model.moecs.requires_grad_(True)
-    model.llm.requires_grad_(stage == 2)
-    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    model.llm.config.use_cache = False
-    model.train()
-    pixels = np.random.RandomState(0).randint(0, 256, (480, 640, 3), dtype=np.uint8)  # padded to square, resized
-    Image.fromarray(pixels).save(tmp_path / 'photo.png')
-    (tmp_path / 'data.json').write_text(json.dumps([dict(id='full', image='photo.png', conversations=conversations)]))
-    dataset = data.LLaVADataset(str(tmp_path / 'data.json'), str(tmp_path), model.tokenizer, template, 336, 2560,
-                                model.num_visual_tokens)
-    tokenizer = model.tokenizer
-    batch = data.collate([dataset[0]], tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                         else tokenizer.eos_token_id, 336)
-    rotary = []
-    model.llm.model.rotary_emb.register_forward_hook(
-        lambda module, args, kwargs, output: rotary.append((kwargs['position_ids'], output[0])), with_kwargs=True)
-    before = {'gate': model.moecs['siglip'].gate.weight.detach().clone(),
-              'lm_head': model.llm.get_output_embeddings().weight[:4].detach().clone()}
-    num_targets = int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
-    out = model(batch['input_ids'], batch['attention_mask'], batch['labels'], batch['images'], num_targets)
-    out['loss'].backward()
-    out['logits'] = out['logits'].shape
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-    torch.optim.AdamW(trainable, lr=learning_rate, betas=(0.9, 0.999), weight_decay=0.0, fused=False).step()
-    return model, batch, out, rotary, before
-
-
-def assert_full_size_encoders(model):
-    """All four encoders at 336 px: SigLIP's 384-px positions interpolated to 21x21, ConvNeXt-XXL's
-    4-px stem and 4 stages up to 3072 channels (pooled in threes), CLIP-L/14 and DINOv2-L/14 at 24x24."""
-    assert model.group_sizes == [441, 100, 576, 576] and model.num_visual_tokens == 1693  # Table 9
-    assert model.encoders.dims == [1024] * 4 and model.encoders.encoders['siglip'].interpolate
-    convnext = model.encoders.encoders['convnext'].backbone
-    assert [(f['num_chs'], f['reduction']) for f in convnext.feature_info] == [(384, 4), (768, 8), (1536, 16),
-                                                                               (3072, 32)]
-    assert [len(stage.blocks) for stage in convnext.stages] == [1, 1, 1, 1]
-
-
-def test_phi2_stage2_step_at_full_width_reaches_2560_positions(tokenizer_dir, tmp_path):
-    """The path users pay for, config/stage2.py: MoECs + Phi-2 learn on a sample that fills max_length=2560
-    once its image is spliced in; Phi-2 was trained on 2048 positions and takes the rest by extrapolating
-    its rotary angles. 24-69 s on 2 cores (the more, the busier they were with other jobs), 6 GB of memory."""
-    turns = human_gpt('<image>\nis there a red circle ?', 'yes') + human_gpt('what color is the circle ?', 'red') * 120
-    model, batch, out, rotary, before = full_size_step(tmp_path, 'microsoft/phi-2', 2, 'phi', tokenizer_dir, turns,
-                                                       learning_rate=2e-5)
-    assert_full_size_encoders(model)
-    assert len(model.llm.model.layers) == 1 and model.llm.config.hidden_size == 2560
-    assert batch['input_ids'].shape == (1, 2560 - 1692)                  # cut to fit, the placeholder kept
-    assert (batch['input_ids'] == IMAGE_TOKEN_ID).sum() == 1 and out['logits'] == (1, 2560, 4096)
-    assert all(math.isfinite(out[k].item()) for k in ('loss', 'lm_loss', 'balance_loss', 'z_loss'))
-    # positions 2048-2559: rotary angles computed for them (extrapolated), not clamped to 2047
-    (position_ids, cos), = rotary
-    assert position_ids.max() == 2559 and model.llm.config.max_position_embeddings == 2048
-    inv_freq = model.llm.model.rotary_emb.inv_freq
-    torch.testing.assert_close(cos[0, 2559, :len(inv_freq)], torch.cos(2559 * inv_freq))
-    # gradients: every MoEC and LLM weight (under gradient checkpointing), no encoder weight
-    for name, p in itertools.chain(model.moecs.named_parameters(), model.llm.named_parameters()):
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert all(moec.experts[e][0].weight.grad.abs().sum() > 0 for moec in model.moecs.values() for e in range(4))
-    assert all(p.grad is None and not p.requires_grad for p in model.encoders.parameters())
-    assert not torch.equal(model.moecs['siglip'].gate.weight, before['gate'])
-    assert not torch.equal(model.llm.get_output_embeddings().weight[:4], before['lm_head'])
-
-
-def test_vicuna_stage1_step_at_full_width_trains_only_the_moecs(sp_llama_dir, tmp_path):
-    """config/stage1_vicuna7b.py: the MoECs (1024 -> 4096) learn through a frozen Vicuna-width LLM, on an
-    image and a caption as LCS-558K has them (plain template, ~1.75k positions), read by a Llama-style
-    SentencePiece tokenizer. 41-82 s on 2 cores (the more, the busier), 8 GB of memory: the 4096-wide
-    layer over ~1.75k positions, run twice (gradient checkpointing), and AdamW over 336M connector weights."""
-    caption = 'a large red circle at the top left and a small blue square next to it'
-    model, batch, out, rotary, before = full_size_step(tmp_path, 'lmsys/vicuna-7b-v1.5', 1, 'plain', sp_llama_dir(),
-                                                       human_gpt('<image>\nDescribe the image.', caption),
-                                                       learning_rate=1e-3)
-    assert_full_size_encoders(model)
-    assert len(model.llm.model.layers) == 1 and model.llm.config.hidden_size == 4096
-    assert all(moec.experts[0][2].out_features == 4096 for moec in model.moecs.values())
-    length = batch['input_ids'].shape[1] + 1692
-    assert batch['input_ids'][0, :2].tolist() == [1, IMAGE_TOKEN_ID] and out['logits'] == (1, length, 4096)
-    assert 1700 < length < 1800                                              # <s>, 1693 visual tokens, caption
-    assert all(math.isfinite(out[k].item()) for k in ('loss', 'lm_loss', 'balance_loss', 'z_loss'))
-    for name, p in model.moecs.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert all(p.grad is None and not p.requires_grad for p in model.llm.parameters())
-    assert all(p.grad is None and not p.requires_grad for p in model.encoders.parameters())
-    assert not torch.equal(model.moecs['siglip'].gate.weight, before['gate'])
-    assert torch.equal(model.llm.get_output_embeddings().weight[:4], before['lm_head'])
