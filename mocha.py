@@ -709,9 +709,9 @@ def count_flops(model, batch):
     not: FlopCounterMode's module tracker hooks the outputs of every module that gradient checkpointing
     recomputes during backward; each hook holds the recomputed graph, which holds the hook, a cycle through
     autograd's C++ nodes that Python's garbage collector cannot see, so every recomputed layer's activations
-    live until the counter exits: 16 GiB more at the peak of Phi-2 stage 2.) Run it under the step's autocast.
-    Returns 'hardware' (all that ran: with gradient checkpointing, the decoder layers' forward twice), 'model'
-    (each once: what MFU counts) and 'by_module' ({module name: {op: FLOPs}})."""
+    live until the counter exits: 14.6 GiB more at the traced peak of Phi-2 stage 2.)
+    Run it under the step's autocast. Returns 'hardware' (all that ran: with gradient checkpointing, the decoder
+    layers' forward twice), 'model' (each once: what MFU counts) and 'by_module' ({module name: {op: FLOPs}})."""
     import copy
     from torch.utils.checkpoint import set_checkpoint_early_stop
     from torch.utils.flop_counter import FlopCounterMode
