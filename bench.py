@@ -205,10 +205,10 @@ def full_batch(cfg, model):
                 images=torch.empty(B, 3, 336, 336, dtype=torch.uint8))
 
 
-def step_flops(cfg, checkpointing):
-    """mocha.count_flops of the config's step (fake tensors), with the LLM's model FLOPs: its decoder layers and
+def step_flops(cfg):
+    """mocha.count_flops of the config's checkpointed step (fake tensors), with the LLM's model FLOPs: its decoder layers and
     head (the module tracker files part of HGA's backward, which runs after the LLM's, under the LLM module itself)."""
-    model = meta_model(cfg, checkpointing)
+    model = meta_model(cfg)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         counted = count_flops(model, full_batch(cfg, model))
     flops = counted['by_module']
@@ -276,7 +276,7 @@ def memory_table():
     for path in configs.split(','):
         cfg = read_config(path)
         t = time.perf_counter()
-        counted = step_flops(cfg, checkpointing=True)  # hardware: with the recompute; model: without (what MFU counts)
+        counted = step_flops(cfg)  # hardware: with the recompute; model: without (what MFU counts)
         no_checkpointing = trace_step(cfg, 'ddp', checkpointing=False)['peak']
         for parallel in ('ddp', 'fsdp'):
             row = dict(config=path, parallel=parallel, default=parallel == cfg['parallel'],

@@ -15,11 +15,10 @@ References:
            ├─ CLIP     ─► MoEC ─┼──────────────► ─────────────► ─────────────────► LLM
            └─ DINOv2   ─► MoEC ─┘
 """
-import collections
 import json
 import math
 import os
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 from contextlib import contextmanager
 import re
 from dataclasses import asdict, dataclass, field
@@ -749,7 +748,7 @@ def lean_memory_tracker(tracker, model):
             if tracker._peak_mem.get(dev, 0) < snap['Total']:
                 tracker._peak_mem[dev], tracker._peak_mem_snap[dev] = snap['Total'], dict(snap)
     tracker._update_peak_stats = global_peak
-    no_hook = torch.utils.hooks.RemovableHandle(collections.OrderedDict())
+    no_hook = torch.utils.hooks.RemovableHandle(OrderedDict())
     for p in model.parameters():
         if not p.requires_grad:
             tracker._param_to_grad_hook_handles[p] = (no_hook, no_hook)

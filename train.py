@@ -325,6 +325,18 @@ def batches_from(step):
         # the epoch is over: the next pass starts at its micro-step 0
 
 
+def step_inputs(batch, num_target_tokens, with_stats=True):
+    """MoCHA.forward's arguments for one micro-batch, on the device."""
+    return dict(input_ids=batch['input_ids'].to(device), attention_mask=batch['attention_mask'].to(device),
+                labels=batch['labels'].to(device), images=batch['images'].to(device),
+                num_target_tokens=num_target_tokens, with_stats=with_stats)
+
+
+def tokens_in(batch):
+    """Positions the LLM runs over: the text's, plus each image's visual tokens in place of its placeholder."""
+    return int(batch['attention_mask'].sum()) + len(batch['images']) * (dataset.num_visual_tokens - 1)
+
+
 @torch.no_grad()
 def estimate_val_loss():
     """nanoGPT's estimate_loss on the held-out slice: the LM loss per learned token over it (or over its first
@@ -335,24 +347,11 @@ def estimate_val_loss():
     loss_sum, targets = torch.zeros((), device=device), 0
     for batch in batches_of(per_process):
         with autocast:  # num_target_tokens=1: the summed loss of the batch's learned tokens
-            out = raw_model(batch['input_ids'].to(device), batch['attention_mask'].to(device),
-                            batch['labels'].to(device), batch['images'].to(device), 1)
+            out = raw_model(**step_inputs(batch, 1, with_stats=False))
         loss_sum += out['lm_loss'].float()
         targets += int((batch['labels'][:, 1:] != IGNORE_INDEX).sum())
     raw_model.train()
     return global_sum(loss_sum) / max(global_sum(targets), 1)
-
-
-def step_inputs(batch, num_target_tokens):
-    """MoCHA.forward's arguments for one micro-batch, on the device."""
-    return dict(input_ids=batch['input_ids'].to(device), attention_mask=batch['attention_mask'].to(device),
-                labels=batch['labels'].to(device), images=batch['images'].to(device),
-                num_target_tokens=num_target_tokens, with_stats=True)
-
-
-def tokens_in(batch):
-    """Positions the LLM runs over: the text's, plus each image's visual tokens in place of its placeholder."""
-    return int(batch['attention_mask'].sum()) + len(batch['images']) * (dataset.num_visual_tokens - 1)
 
 
 # FLOPs per token, for FLOP/s and MFU: the first micro-batch's training step counted once, on fake tensors
