@@ -115,6 +115,11 @@ class MoCHAConfig:
     template: str = 'phi'                  # conversation template (data.py)
     balance_coef: float = 0.1              # Eq. 10
     z_coef: float = 0.01                   # Eq. 10
+    # stage 2 on smaller cards: LoRA adapters (peft) on the LLM's linear layers instead of its full fine-tune;
+    # 0 = off. LLaVA-1.5's finetune_lora.sh: r 128, alpha 256, dropout 0.05
+    lora_rank: int = 0
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
     # smoke tests and bench only: > 0 cuts every randomly built tower to that many layers, widths and
     # token counts unchanged (ConvNeXt: that many blocks per stage); 0 = the real depth
     encoder_layers: int = 0
@@ -180,6 +185,15 @@ def build_llm(name, source, vocab_size=None, num_layers=0):
     if num_layers:
         config_kwargs = dict(config_kwargs, num_hidden_layers=num_layers)
     return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**config_kwargs))
+
+
+def add_lora(llm, rank, alpha, dropout):
+    """LLaVA's LoRA path (peft): every linear layer of the LLM but its output head computes W x + (alpha / r) B A x,
+    B zero-initialised, so the LLM starts as it was. Injected in place: the module paths stay the LLM's (`q_proj`
+    becomes a peft layer holding `base_layer`, `lora_A`, `lora_B`), and only the adapters require gradients."""
+    from peft import LoraConfig, inject_adapter_in_model
+    return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                              target_modules='all-linear'), llm)
 
 
 class Encoder(nn.Module):
@@ -458,6 +472,8 @@ class MoCHA(nn.Module):
             raise ValueError("a tiny LLM takes its vocabulary from a tokenizer: set config.tokenizer")
         self.llm = build_llm(config.llm, config.llm_source, self.tokenizer and len(self.tokenizer),
                              config.llm_layers)
+        if config.lora_rank:
+            add_lora(self.llm, config.lora_rank, config.lora_alpha, config.lora_dropout)
         self.encoders = Encoders(config.encoders, config.encoder_source, config.encoder_resolution,
                                  config.feature_layer, config.encoder_paths, config.train_encoders,
                                  config.encoder_layers)
@@ -584,7 +600,16 @@ class MoCHA(nn.Module):
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                  eos_token_id=eos_id, pad_token_id=pad_id)
 
-    # -- checkpoints: only what cannot be rebuilt from config (trained or randomly initialised parts)
+    # -- what trains, and checkpoints: only what cannot be rebuilt from config (trained or randomly initialised parts)
+
+    def set_trainable(self, stage, train_connectors=True, train_encoders=False):
+        """Stage 1 trains the MoECs; stage 2 the MoECs and the LLM: all of it, or with LoRA only its adapters (the
+        MoECs still train in full, as on LLaVA's LoRA path). train_connectors=False: the LLM alone (text)."""
+        self.requires_grad_(False)
+        self.moecs.requires_grad_(train_connectors)
+        self.encoders.requires_grad_(train_encoders)
+        for name, param in self.llm.named_parameters():
+            param.requires_grad_(stage == 2 and (not self.config.lora_rank or 'lora_' in name))
 
     def saved_parts(self):
         parts = {'moecs': self.moecs}
@@ -594,18 +619,22 @@ class MoCHA(nn.Module):
             parts['encoders'] = self.encoders
         return parts
 
-    def trainable_state_dict(self):
-        """The saved parts' tensors by name. A tensor shared by two names (the LM head of an LLM with
-        tie_word_embeddings, which is its input embedding) is kept once, under its first name: safetensors
-        refuses to write shared tensors, and loading the one name fills both."""
+    def part_state_dict(self, prefix, module):
+        """One part's tensors by name. A tensor shared by two names (the LM head of an LLM with tie_word_embeddings,
+        which is its input embedding) is kept once, under its first name: safetensors refuses to write shared
+        tensors, and loading the one name fills both. A pretrained LLM under LoRA: its adapters alone."""
+        adapters_only = prefix == 'llm' and self.config.lora_rank and self.config.llm_source == 'pretrained'
         state, seen = {}, set()
-        for prefix, module in self.saved_parts().items():
-            for k, v in module.state_dict().items():
-                if v.numel() and v.data_ptr() in seen:
-                    continue
-                seen.add(v.data_ptr())
-                state[f'{prefix}.{k}'] = v
+        for k, v in module.state_dict().items():
+            if (v.numel() and v.data_ptr() in seen) or (adapters_only and 'lora_' not in k):
+                continue
+            seen.add(v.data_ptr())
+            state[f'{prefix}.{k}'] = v
         return state
+
+    def trainable_state_dict(self):
+        """What a checkpoint holds: the saved parts' tensors by name."""
+        return {k: v for prefix, module in self.saved_parts().items() for k, v in self.part_state_dict(prefix, module).items()}
 
     def save_pretrained(self, out_dir, state_dict=None):
         """Writes config.json + model.safetensors, each via a temporary file and an atomic rename.
@@ -641,11 +670,34 @@ class MoCHA(nn.Module):
         return model
 
     def load_trainable(self, state, source='state dict'):
+        """A checkpoint's tensors into this model. It must hold the MoECs, whatever the config cannot rebuild (a
+        'tiny' or 'random' part), and each part it holds whole: a stage-1 checkpoint of a pretrained LLM holds no LLM
+        (it is reloaded by name; LoRA adapters added since start fresh), a stage-2 one all of it, a LoRA one its
+        adapters."""
         unexpected = sorted(set(state) - set(self.state_dict()))
-        missing = sorted(set(self.trainable_state_dict()) - set(state))
+        parts = dict(moecs=self.moecs, llm=self.llm, encoders=self.encoders)
+        needed = dict(moecs=True, llm=self.config.llm_source != 'pretrained',
+                      encoders=self.config.encoder_source != 'pretrained' or self.config.train_encoders)
+        missing = sorted(k for prefix, module in parts.items()
+                         if needed[prefix] or any(k.startswith(prefix + '.') for k in state)
+                         for k in self.part_state_dict(prefix, module) if k not in state)
         if unexpected or missing:
-            raise KeyError(f"{source}: keys not in this model {unexpected[:5]}, keys missing {missing[:5]}")
+            hint = (" (LoRA adapters: build the model with the checkpoint's lora_rank, or merge them first)"
+                    if any('lora_' in k for k in unexpected + missing) else '')
+            raise KeyError(f"{source}: keys not in this model {unexpected[:5]}, keys missing {missing[:5]}{hint}")
         self.load_state_dict(state, strict=False)
+
+    def merge_lora(self):
+        """Folds each LoRA adapter into its layer, W <- W + (alpha / r) B A (peft's merge), and drops the adapters:
+        a plain MoCHA whose LLM is saved whole, which eval.py loads like any stage-2 checkpoint. Returns self."""
+        from peft.tuners.lora import LoraLayer
+        adapted = [(name, module) for name, module in self.llm.named_modules() if isinstance(module, LoraLayer)]
+        for name, module in adapted:
+            module.merge()
+            self.llm.set_submodule(name, module.get_base_layer())
+        self.config.lora_rank = 0
+        self.llm.requires_grad_(True)  # no longer the pretrained weights: saved_parts keeps the LLM whole
+        return self
 
 
 # -----------------------------------------------------------------------------

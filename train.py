@@ -45,6 +45,8 @@ stop_at_step = 0           # stop (and save) after this many steps, as if the jo
 eval_shapes_at_end = False # score the shapes benchmarks with eval.py when training ends
 shapes_benchmarks = 'pope,gqa,mme'  # which ones (eval.SHAPES_BENCHMARKS; 'gqa_words': GQA about scenes in words)
 export_llm = False         # when training ends, also save the LLM alone, HF format, to out_dir/llm (config/shapes_lm.py)
+merge_lora = False         # when a LoRA run ends, also save out_dir/merged: the adapters folded into the LLM's weights,
+                           # a plain checkpoint (MoCHA.merge_lora; for a finished run's ckpt, the README's one-liner)
 eval_interval = 0          # optimizer steps between validation losses (and one at the end); 0 = never
 eval_iters = 0             # batches per validation loss; 0 = the whole held-out slice
 collapse_fraction = 0.1    # WARNING when an expert's share of a MoEC's routed tokens stays below this
@@ -74,6 +76,7 @@ image_size = 336
 train_encoders = False
 train_connectors = True    # False: the LLM alone, on text (config/shapes_lm.py): no image path to keep in step
 encoder_lr_scale = 1.0     # trained encoders learn at learning_rate * this
+connector_lr_scale = 1.0   # the MoECs learn at learning_rate * this (LoRA: LLaVA's mm_projector_lr 2e-5 vs 2e-4)
 feature_layer = -2
 fusion = 'sequence'
 num_experts = 4
@@ -86,6 +89,9 @@ z_coef = 0.01              #          and of their routers' z-loss
 llm = 'microsoft/phi-2'
 llm_source = 'pretrained'
 llm_layers = 0             # 'tiny'/'random' LLMs only: this many decoder layers instead of the config's
+lora_rank = 0              # stage 2: > 0 trains LoRA adapters (peft) on the LLM's linear layers instead of all of it
+lora_alpha = 256           # (config/stage2_lora.py: LLaVA-1.5's finetune_lora.sh); the MoECs train in full
+lora_dropout = 0.05
 tokenizer = ''
 # optimizer (AdamW), schedule (cosine, 3 % warmup)
 learning_rate = 1e-3
@@ -119,6 +125,8 @@ for name, allowed in (('parallel', ('ddp', 'fsdp')), ('stage', (1, 2)), ('templa
         raise ValueError(f"{name} must be one of {allowed}, got {config[name]!r}")
 if stage == 1 and not train_connectors:
     raise ValueError("stage 1 trains the connectors alone: train_connectors=False leaves nothing to train")
+if lora_rank and stage != 2:
+    raise ValueError(f"lora_rank={lora_rank}: LoRA adapts the LLM, which only stage 2 trains")
 
 # distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE
 distributed = int(os.environ.get('RANK', -1)) != -1
@@ -183,9 +191,11 @@ model_config = MoCHAConfig(
                                 else (encoder_resolution,) * len(ENCODER_ORDER))), image_size=image_size,
     feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
     num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter, balance_coef=balance_coef,
-    z_coef=z_coef, llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None, template=template)
+    z_coef=z_coef, llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None, template=template,
+    lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
 ARCHITECTURE = ('encoders', 'encoder_source', 'encoder_resolution', 'image_size', 'feature_layer', 'fusion',
                 'num_experts', 'top_k', 'hga', 'k_intra', 'k_inter', 'llm', 'llm_source', 'llm_layers')
+LORA = ('lora_rank', 'lora_alpha', 'lora_dropout')  # a stage-1 checkpoint gets adapters in stage 2; a resumed run keeps its
 
 def warn_past_trained_positions(llm_config):
     trained_positions = getattr(llm_config, 'max_position_embeddings', None)
@@ -220,8 +230,9 @@ def check_settings_against(checkpoint_dir):
     with open(os.path.join(checkpoint_dir, 'config.json')) as f:
         saved = json.load(f)
     wanted = json.loads(json.dumps(dataclasses.asdict(model_config)))  # tuples as JSON lists, as saved
-    differing = [f"{k}={wanted[k]!r} (the checkpoint's: {saved[k]!r})" for k in ARCHITECTURE
-                 if k in overridden and wanted[k] != saved[k]]
+    checked = ARCHITECTURE + LORA if init_from == 'resume' else ARCHITECTURE
+    differing = [f"{k}={wanted[k]!r} (the checkpoint's: {saved.get(k)!r})" for k in checked
+                 if k in overridden and wanted[k] != saved.get(k)]
     problems = [f"the model is rebuilt from {checkpoint_dir}/config.json, so these settings would be ignored: "
                 f"{', '.join(differing)}; drop them, or start from scratch"] if differing else []
     if upcycle_from and init_from != 'resume':
@@ -231,7 +242,8 @@ def check_settings_against(checkpoint_dir):
         raise ValueError(f"init_from={init_from}: " + '; and '.join(problems))
 
 
-training_settings = dict(template=template, train_encoders=train_encoders, balance_coef=balance_coef, z_coef=z_coef)
+training_settings = dict(template=template, train_encoders=train_encoders, balance_coef=balance_coef, z_coef=z_coef,
+                         **{k: config[k] for k in LORA})
 if init_from == 'resume':
     resume_dir = ckpt_dir if os.path.isdir(ckpt_dir) else ckpt_dir + '.old'  # .old: killed mid-save
     check_settings_against(resume_dir)
@@ -261,12 +273,9 @@ if upcycle_from and init_from != 'resume':  # paper Table 4: each MLP connector 
             raise ValueError(f"upcycle_from={upcycle_from}, the {name} connector: {err}") from None
     log(f"upcycled every expert of the {', '.join(mlps)} connector(s) from {upcycle_from}")
 
-# stage 1 trains the MoECs; stage 2 the MoECs and the LLM (the LLM alone with train_connectors=False).
-# Encoders only with train_encoders.
-model.requires_grad_(False)
-model.moecs.requires_grad_(train_connectors)
-model.llm.requires_grad_(stage == 2)
-model.encoders.requires_grad_(train_encoders)
+# stage 1 trains the MoECs; stage 2 the MoECs and the LLM, or its LoRA adapters (the LLM alone with
+# train_connectors=False). Encoders only with train_encoders.
+model.set_trainable(stage, train_connectors, train_encoders)
 if gradient_checkpointing:
     model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
     model.llm.config.use_cache = False
@@ -381,8 +390,10 @@ elif distributed:
 # built after the wrap: under FSDP the trainable parameters are the sharded ones
 named_trainable = [(n.removeprefix('module.'), p) for n, p in model.named_parameters() if p.requires_grad]
 trainable = [p for _, p in named_trainable]
-param_groups = [dict(params=[p for n, p in named_trainable if not n.startswith('encoders.')], lr_scale=1.0),
-                dict(params=[p for n, p in named_trainable if n.startswith('encoders.')], lr_scale=encoder_lr_scale)]
+lr_scale_of = lambda name: (encoder_lr_scale if name.startswith('encoders.') else
+                             connector_lr_scale if name.startswith('moecs.') else 1.0)
+param_groups = [dict(params=[p for n, p in named_trainable if lr_scale_of(n) == scale], lr_scale=scale)
+                for scale in sorted({lr_scale_of(n) for n, _ in named_trainable})]
 optimizer = torch.optim.AdamW([g for g in param_groups if g['params']], lr=learning_rate, betas=(beta1, beta2),
                               weight_decay=weight_decay, fused=device_type == 'cuda' and parallel != 'fsdp')
 state_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -642,6 +653,11 @@ if export_llm and master and step + 1 == total_steps:
     MoCHA.from_pretrained(ckpt_dir).llm.save_pretrained(llm_dir)
     tokenizer_.save_pretrained(llm_dir)
     log(f"saved the LLM alone to {llm_dir}")
+
+if merge_lora and master and lora_rank and step + 1 == total_steps:
+    merged_dir = os.path.join(out_dir, 'merged')
+    MoCHA.from_pretrained(ckpt_dir).merge_lora().save_pretrained(merged_dir)
+    log(f"saved the model with its LoRA adapters merged into the LLM to {merged_dir}")
 
 if eval_shapes_at_end and step + 1 == total_steps:
     from eval import checkpoint_stamp, evaluate_shapes
