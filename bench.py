@@ -8,19 +8,28 @@ Benchmarks, after nanoGPT's bench.py:
 3) memory: per-GPU memory and FLOPs of one training step of every shipped real config
    (config/stage{1,2}*.py) under DDP and FSDP at 8 GPUs, traced at full size on fake tensors
    with PyTorch's MemTracker / FSDPMemTracker; FLOPs counted apart (mocha.count_flops).
+4) loader: samples/s that one DataLoader worker makes of stage-2 batches (JPEGs at COCO sizes, the real
+   LLaVADataset, a byte-level BPE tokenizer, collate), against the samples/s a GPU eats at `mfu` of `gpu_tflops`
+   (each stage-2 config's model FLOPs per sample, counted as in 3): the workers each GPU needs.
 
-    python bench.py                     # all three, float32 on whatever device is there
+    python bench.py                     # the first three, float32 on whatever device is there
     python bench.py --table=speed --device=cuda --dtype=bfloat16
     python bench.py --table=memory      # about 3 minutes on 2 CPU cores, no GPU needed
+    python bench.py --table=loader      # 40 s on 2 idle CPU cores, 50-75 s on busy ones
 """
 import json
+import math
+import os
+import statistics
+import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mocha import (ENCODER_ORDER, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, Encoders, MoCHA, MoCHAConfig, MoEC,
-                   build_llm, count_flops, fake_batch, fake_tensors, lean_memory_tracker)
+                   add_lora, build_llm, count_flops, fake_batch, fake_tensors, lean_memory_tracker)
 from released import released_hga, released_moec
 
 # -----------------------------------------------------------------------------
@@ -32,14 +41,23 @@ d_enc, d_llm = 1024, 2560           # Phi-2's width
 moec_tokens = 576
 repeats = 3
 seed = 0
-table = 'all'              # 'speed' | 'params' | 'memory' | 'all'
+table = 'all'              # 'speed' | 'params' | 'memory' | 'all' (the three) | 'loader'
 # memory table: the shipped real configs, traced at world_size GPUs
-configs = 'config/stage1.py,config/stage2.py,config/stage1_vicuna7b.py,config/stage2_vicuna7b.py'
+configs = ('config/stage1.py,config/stage2.py,config/stage1_vicuna7b.py,config/stage2_vicuna7b.py,'
+           'config/stage2_lora.py,config/stage2_vicuna7b_lora.py')
 world_size = 8
 llm_layers = 0             # > 0 cuts the traced towers to that depth (the test's quick run); 0 = full size
 encoder_layers = 0
 memory_json = ''           # also write the memory table's rows here, as JSON
 micro_batch = 0            # > 0 replaces each config's batch_size (what fits smaller cards)
+# loader table: the stage-2 configs' data settings, timed per worker against what a GPU needs
+loader_configs = 'config/stage2.py,config/stage2_vicuna7b.py'  # + config/stage2*_lora.py: about 10 s each more
+loader_images = 48         # JPEGs written (cycled through by the samples)
+loader_samples = 192       # samples timed per pass; each pass is timed `repeats` times
+jpeg_quality = 90
+photo_noise = 24.0         # the stand-in photos' texture (std, of 255): JPEGs of COCO's mean size, 150-160 KB
+gpu_tflops = 989.0         # H100 SXM dense bf16 peak
+mfu = 0.4
 exec(open('configurator.py').read())
 # -----------------------------------------------------------------------------
 torch.manual_seed(seed)
@@ -123,7 +141,8 @@ def count(module, trainable_only=False):
 
 
 def params_table():
-    print(f"{'model':<16s} {'encoders':>9s} {'MoECs':>8s} {'LLM':>8s} {'total':>8s} {'stage 1':>9s} {'stage 2':>9s}  (billions; stage = trainable)")
+    print(f"{'model':<16s} {'encoders':>9s} {'MoECs':>8s} {'LLM':>8s} {'total':>8s} {'stage 1':>9s} {'stage 2':>9s} "
+          f"{'LoRA 128':>9s}  (billions; stage = trainable; LoRA: stage 2 with r 128 adapters)")
     with torch.device('meta'):
         encoders = Encoders(ENCODER_ORDER, 'random')
     for llm_id in LLM_SPECS:
@@ -132,8 +151,10 @@ def params_table():
             d = llm.config.hidden_size
             moecs = [MoEC(dim, d, 4, 2) for dim in encoders.dims]
         n_enc, n_moec, n_llm = count(encoders), sum(count(m) for m in moecs), count(llm)
+        n_lora = count(add_lora(llm, 128, 256, 0.05), trainable_only=True)
         print(f"{llm_id.split('/')[-1]:<16s} {n_enc / 1e9:9.3f} {n_moec / 1e9:8.3f} {n_llm / 1e9:8.3f} "
-              f"{(n_enc + n_moec + n_llm) / 1e9:8.3f} {n_moec / 1e9:9.3f} {(n_moec + n_llm) / 1e9:9.3f}")
+              f"{(n_enc + n_moec + n_llm) / 1e9:8.3f} {n_moec / 1e9:9.3f} {(n_moec + n_llm) / 1e9:9.3f} "
+              f"{(n_moec + n_lora) / 1e9:9.3f}")
 
 # -----------------------------------------------------------------------------
 # memory and FLOPs of one training step of each shipped config, per GPU at world_size GPUs.
@@ -159,7 +180,9 @@ GiB = 2 ** 30
 # what nvidia-smi reports of each size's smallest common card, in MiB: H100 SXM 80 GB, L40 / L40S 48 GB, A10 24 GB
 CARDS_MIB = {80: 81559, 48: 46068, 24: 23028}
 TRAIN_DEFAULTS = dict(stage=1, llm='microsoft/phi-2', batch_size=4, max_length=2560, parallel='ddp',
-                      num_experts=4, top_k=2, gradient_checkpointing=True, dtype='bfloat16')  # train.py's
+                      num_experts=4, top_k=2, gradient_checkpointing=True, dtype='bfloat16',
+                      template='plain', image_aspect='crop', image_size=336, num_workers=4, lora_rank=0,
+                      lora_alpha=256, lora_dropout=0.05)  # train.py's
 
 
 def read_config(path):
@@ -184,11 +207,10 @@ def meta_model(cfg, checkpointing=True):
     """The config's full-size MoCHA on the meta device (no memory), trainable and checkpointed as train.py sets it."""
     with torch.device('meta'):
         model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=cfg['llm'],
-                                  num_experts=cfg['num_experts'], top_k=cfg['top_k'],
-                                  llm_layers=llm_layers, encoder_layers=encoder_layers))
-    model.requires_grad_(False)
-    model.moecs.requires_grad_(True)
-    model.llm.requires_grad_(cfg['stage'] == 2)
+                                  num_experts=cfg['num_experts'], top_k=cfg['top_k'], lora_rank=cfg['lora_rank'],
+                                  lora_alpha=cfg['lora_alpha'], lora_dropout=cfg['lora_dropout'], llm_layers=llm_layers,
+                                  encoder_layers=encoder_layers))
+    model.set_trainable(cfg['stage'])
     if checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
         model.llm.config.use_cache = False
@@ -317,6 +339,144 @@ def print_row(row):
 
 
 # -----------------------------------------------------------------------------
+# loader throughput. Each GPU eats batch_size samples a step; the DataLoader's workers must make them at least as
+# fast. On the CPU a sample is its JPEG decoded once, padded to a square and resized to image_size (data.load_image,
+# uint8), its conversation tokenised and labelled, and the batch collated; the conversion to float and each encoder's
+# normalisation (and resize, for an encoder whose resolution is not image_size) run on the GPU (mocha.Encoders).
+# Stand-ins, made here offline: JPEGs at COCO's sizes (most of LLaVA-665K's images are COCO's), conversations of
+# English words from this repo's docs, and a byte-level BPE with Phi-2's mechanics trained on the same text.
+# What runs on them is train.py's: LLaVADataset, collate, a DataLoader.
+
+COCO_SIZES = [(640, 480), (480, 640), (640, 427), (427, 640), (640, 424), (500, 375), (640, 512), (612, 612)]
+
+
+def photo_like(width, height, rng):
+    """An RGB photo stand-in: shading, shapes with edges, and fine texture (what JPEG spends its bits on)."""
+    from PIL import Image, ImageDraw
+    ramp = np.linspace(0, 1, width)[None, :, None] * rng.uniform(-90, 90, 3) \
+        + np.linspace(0, 1, height)[:, None, None] * rng.uniform(-90, 90, 3)
+    image = Image.fromarray(np.clip(rng.uniform(60, 200, 3) + ramp, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        box = (x, y, x + rng.integers(20, width // 2), y + rng.integers(20, height // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    texture = rng.normal(0, photo_noise, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(image) + texture, 0, 255).astype(np.uint8))
+
+
+def bpe_tokenizer(texts, vocab_size=8000):
+    """A byte-level BPE as Phi-2's (GPT-2's pre-tokenizer, no bos, eos '<|endoftext|>'), trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<|endoftext|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token='<|endoftext|>')
+
+
+def instruct_json(folder, image_names, words, rng):
+    """A LLaVA-format instruct JSON of loader_samples samples cycling through the images: 1 to 6 turns, questions of
+    5 to 20 words, answers of 1 to 80 (one-word VQA answers up to paragraphs, as LLaVA-665K mixes them)."""
+    def text(low, high):  # low to high consecutive words from a random place
+        start = rng.integers(0, len(words) - high)
+        return ' '.join(words[start:start + rng.integers(low, high + 1)])
+
+    samples = []
+    for i in range(loader_samples):
+        turns = []
+        for turn in range(rng.integers(1, 7)):
+            turns += [{'from': 'human', 'value': ('<image>\n' if turn == 0 else '') + text(5, 20) + '?'},
+                      {'from': 'gpt', 'value': text(1, 80) + '.'}]
+        samples.append({'id': str(i), 'image': image_names[i % len(image_names)], 'conversations': turns})
+    path = os.path.join(folder, 'instruct.json')
+    with open(path, 'w') as f:
+        json.dump(samples, f)
+    return path
+
+
+def samples_per_second(dataset, cfg, pad_id, workers):
+    """Samples/s out of a DataLoader as train.py builds it, with `workers` worker processes (0: the main process),
+    collate included; timed from the first batch to the last, so worker start-up is left out."""
+    from data import collate
+    assert len(dataset) >= 2 * cfg['batch_size'], f"loader_samples={len(dataset)}: the timing needs two batches or more"
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg['batch_size'], num_workers=workers,
+                                         collate_fn=lambda b: collate(b, pad_id, cfg['image_size']))
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    count = sum(len(batch['ids']) for batch in batches)
+    return count / (time.perf_counter() - start)
+
+
+def stand_in_dataset(folder, cfg, rng):
+    """The LLaVADataset of cfg's data settings over stand-in JPEGs and conversations written to `folder`."""
+    from data import IMAGE_TEXT, LLaVADataset
+    docs = [open(f).read() for f in ['README.md'] + sorted(os.path.join('docs', n) for n in os.listdir('docs')
+                                                           if n.endswith('.md'))]
+    names = [f'{i:06d}.jpg' for i in range(loader_images)]
+    for i, name in enumerate(names):
+        photo_like(*COCO_SIZES[i % len(COCO_SIZES)], rng).save(os.path.join(folder, name), quality=jpeg_quality)
+    words = [w for w in ' '.join(docs).split() if IMAGE_TEXT not in w]  # the docs quote '<image>'
+    return LLaVADataset(instruct_json(folder, names, words, rng), folder, bpe_tokenizer(docs), cfg['template'],
+                        cfg['image_size'], cfg['max_length'], sum(group_sizes),  # 1693 visual tokens at 336 px
+                        image_aspect=cfg['image_aspect'])
+
+
+def main_process_costs(dataset):
+    """Milliseconds per sample of its image (decode, pad or crop, resize) and of its text (tokenise, label),
+    and the text tokens of each sample."""
+    from data import load_image, tokenize_conversation
+    start = time.perf_counter()
+    tokens = [len(tokenize_conversation(s['conversations'], dataset.tokenizer, dataset.template)[0])
+              for s in dataset.samples]
+    text_ms = (time.perf_counter() - start) / len(dataset) * 1e3
+    start = time.perf_counter()
+    for sample in dataset.samples:
+        load_image(dataset.image_path(sample), dataset.image_size, dataset.image_aspect)
+    image_ms = (time.perf_counter() - start) / len(dataset) * 1e3
+    return image_ms, text_ms, tokens
+
+
+def loader_table():
+    paths = loader_configs.split(',')
+    cfg = read_config(paths[0])  # the stage-2 configs' data settings are the same but for the template's eos
+    with tempfile.TemporaryDirectory() as folder:
+        dataset = stand_in_dataset(folder, cfg, np.random.default_rng(seed))
+        kilobytes = statistics.mean(os.path.getsize(os.path.join(folder, s['image'])) for s in dataset.samples) / 1e3
+        image_ms, text_ms, tokens = main_process_costs(dataset)
+        pad_id = dataset.tokenizer.eos_token_id
+        rates = {workers: [samples_per_second(dataset, cfg, pad_id, workers) for _ in range(repeats)]
+                 for workers in (0, 1)}
+    configs_read = {path: read_config(path) for path in paths}
+    tflop_per_sample = {path: step_flops(c)['model'] / c['batch_size'] / 1e12 for path, c in configs_read.items()}
+    print(f"{paths[0]}'s data: template {cfg['template']}, image_aspect {cfg['image_aspect']}, image_size "
+          f"{cfg['image_size']}, max_length {cfg['max_length']}, batch_size {cfg['batch_size']}; {loader_images} "
+          f"JPEGs at COCO sizes (quality {jpeg_quality}, mean {kilobytes:.0f} KB), {len(dataset)} samples of "
+          f"{statistics.mean(tokens):.0f} text tokens on average (max {max(tokens)}); {repeats} passes")
+    print(f"per sample in the main process: image {image_ms:.1f} ms (decode, pad, resize), "
+          f"text {text_ms:.1f} ms (tokenise, label)")
+    print(f"{'loader':<26s} {'samples/s min':>13s} {'median':>8s}")
+    for workers, label in ((0, 'main process (workers=0)'), (1, 'one worker (workers=1)')):
+        print(f"{label:<26s} {min(rates[workers]):13.1f} {statistics.median(rates[workers]):8.1f}")
+    per_worker = min(rates[1])
+    print(f"\nsamples/s a GPU needs at {mfu:.0%} MFU of {gpu_tflops:.0f} TFLOP/s, and the workers per GPU that make "
+          f"them at {per_worker:.1f} samples/s each (the slowest pass)")
+    print(f"{'config':<20s} {'TFLOP/sample':>12s} {'per GPU':>8s} {f'{world_size} GPUs':>8s} {'workers':>8s} "
+          f"{'margin':>7s} {'num_workers':>11s}")
+    for path, tflop in tflop_per_sample.items():
+        needed = mfu * gpu_tflops / tflop
+        workers = math.ceil(needed / per_worker)
+        print(f"{path.removeprefix('config/').removesuffix('.py'):<20s} {tflop:12.1f} {needed:8.1f} "
+              f"{world_size * needed:8.1f} {workers:8d} {workers * per_worker / needed:6.1f}x "
+              f"{configs_read[path]['num_workers']:11d}")
+
+
+# -----------------------------------------------------------------------------
 if table in ('speed', 'all'):
     speed_table()
 if table in ('params', 'all'):
@@ -333,3 +493,5 @@ if table in ('memory', 'all'):
           f"{'bucket':>6s} {'peak+cpy':>8s} {'peak':>8s} {'fits GB':>9s} {'no ckpt':>8s} {'model':>8s} {'hardware':>8s} "
           f"{'/sample':>7s}")
     memory_table()
+if table == 'loader':
+    loader_table()

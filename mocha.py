@@ -120,6 +120,13 @@ class MoCHAConfig:
     lora_rank: int = 0
     lora_alpha: int = 256
     lora_dropout: float = 0.05
+    # 'moec': MoCHA's connectors (MoECs, HGA); 'mova': MoVA's MoV-Adapter instead (mova.py), for the comparison:
+    # the base encoder's tokens attend to the other encoders' (its experts); released defaults 3 blocks, top-3
+    connector: str = 'moec'
+    mova_base: str = 'clip'
+    mova_blocks: int = 3
+    mova_top_k: int = 3
+    mova_pool: int = 2                     # the base grid pooled by this on each side: 576 CLIP tokens -> 144
     # smoke tests and bench only: > 0 cuts every randomly built tower to that many layers, widths and
     # token counts unchanged (ConvNeXt: that many blocks per stage); 0 = the real depth
     encoder_layers: int = 0
@@ -478,7 +485,11 @@ class MoCHA(nn.Module):
                                  config.feature_layer, config.encoder_paths, config.train_encoders,
                                  config.encoder_layers)
         d_llm = self.llm.config.hidden_size
-        if config.fusion == 'sequence':
+        if config.connector == 'mova':
+            self.moecs, self.mova = nn.ModuleDict(), self.build_mova(d_llm)
+        elif config.connector != 'moec':
+            raise ValueError(f"connector must be 'moec' or 'mova', got {config.connector!r}")
+        elif config.fusion == 'sequence':
             self.moecs = nn.ModuleDict({name: MoEC(dim, d_llm, config.num_experts, config.top_k)
                                         for name, dim in zip(self.encoders.encoders, self.encoders.dims)})
         elif config.fusion == 'channel':  # ablation: one connector over the concatenated channels
@@ -486,10 +497,26 @@ class MoCHA(nn.Module):
                                                         config.num_experts, config.top_k)})
         else:
             raise ValueError(f"fusion must be 'sequence' or 'channel', got {config.fusion!r}")
-        self.hga = HGA(config.k_intra, config.k_inter, enabled=config.hga)
+        self.hga = HGA(config.k_intra, config.k_inter, enabled=config.hga and config.connector == 'moec')
+
+    def build_mova(self, d_llm):
+        from mova import MoVAdapter
+        if self.config.mova_base not in self.encoders.encoders or len(self.encoders.encoders) < 2:
+            raise ValueError(f"connector='mova' needs its base encoder {self.config.mova_base!r} and at least one "
+                             f"expert among the encoders, got {list(self.encoders.encoders)}")
+        dims = dict(zip(self.encoders.encoders, self.encoders.dims))
+        return MoVAdapter(dims.pop(self.config.mova_base), list(dims.values()), d_llm, d_llm, self.config.mova_blocks,
+                          self.config.mova_top_k, self.config.mova_pool)
+
+    @property
+    def connectors(self):
+        """The trainable modules between the encoders and the LLM: the MoECs (and HGA's, parameter-free), or MoVA's adapter."""
+        return [self.moecs, self.hga] + ([self.mova] if self.config.connector == 'mova' else [])
 
     @property
     def group_sizes(self):
+        if self.config.connector == 'mova':  # one group: the pooled base grid
+            return [self.encoders.encoders[self.config.mova_base].num_tokens // self.config.mova_pool ** 2]
         if self.config.fusion == 'channel':
             return [self.encoders.group_sizes[0]]  # every grid resampled to the first encoder's
         return self.encoders.group_sizes
@@ -498,10 +525,18 @@ class MoCHA(nn.Module):
     def num_visual_tokens(self):
         return sum(self.group_sizes)
 
-    def encode_images(self, images, stats=None):
+    def encode_images(self, images, stats=None, prompt_embeds=None, expert_mask=None):
         """[B, 3, S, S] -> visual embeddings [B, N_vis, d_llm], with the summed router losses.
-        stats: None, or a dict that gets one dict per MoEC (by encoder name) and 'hga' (MoEC.forward, HGA.attend)."""
+        stats: None, or a dict that gets one dict per MoEC (by encoder name) and 'hga' (MoEC.forward, HGA.attend).
+        connector='mova' only: prompt_embeds [B, d_llm], what its gate reads of the question (zeros if None), and
+        expert_mask [B, E] bool, the experts the routing chose (None: every one)."""
         encoder_tokens = self.encoders(images)                              # Eq. 1: each [B, N_g, d_enc]
+        if self.config.connector == 'mova':
+            tokens = dict(zip(self.encoders.encoders, encoder_tokens))
+            base = tokens.pop(self.config.mova_base)
+            if prompt_embeds is None:
+                prompt_embeds = base.new_zeros(len(images), self.llm.config.hidden_size)
+            return self.mova(base, list(tokens.values()), prompt_embeds, expert_mask), 0.0, 0.0
         if self.config.fusion == 'channel':
             encoder_tokens = [resample_grid_and_concat(encoder_tokens, self.group_sizes[0])]
         projected, balance_loss, z_loss = [], 0.0, 0.0
@@ -513,7 +548,7 @@ class MoCHA(nn.Module):
         hga_stats = None if stats is None or not self.hga.enabled else stats.setdefault('hga', {})
         return self.hga(visual_tokens, self.group_sizes, hga_stats), balance_loss, z_loss  # Eqs. 7-9
 
-    def splice(self, input_ids, attention_mask, labels, images, left_padded=False, stats=None):
+    def splice(self, input_ids, attention_mask, labels, images, left_padded=False, stats=None, expert_mask=None):
         """Replace each sample's single <image> placeholder by its N_vis visual embeddings.
         Returns inputs_embeds [B, L', D], attention_mask [B, L'], labels [B, L'] (or None) and the
         router losses; L' = L + N_vis - 1 when the batch holds an image. Padding stays on its side:
@@ -533,7 +568,12 @@ class MoCHA(nn.Module):
             labels = torch.full_like(input_ids, IGNORE_INDEX)
         if num_images == 0:
             return text_embeds, attention_mask, labels, 0.0, 0.0
-        visual_embeds, balance_loss, z_loss = self.encode_images(images, stats)  # [n_img, N, D]
+        prompt_embeds = None
+        if self.config.connector == 'mova':  # what MoVA's gate reads of the question: the prompt's mean embedding
+            prompt = (attention_mask.bool() & ~is_placeholder & (labels == IGNORE_INDEX))[has_image]   # [n_img, L]
+            prompt_embeds = ((text_embeds[has_image] * prompt[..., None]).sum(1)
+                             / prompt.sum(1, keepdim=True).clamp(min=1))                                # [n_img, D]
+        visual_embeds, balance_loss, z_loss = self.encode_images(images, stats, prompt_embeds, expert_mask)
         N = visual_embeds.shape[1]
         # one visual row block per sample (zeros for text-only ones), placed after the text: [B, L + N, D]
         per_sample_visual = text_embeds.new_zeros(B, N, text_embeds.shape[-1])
@@ -554,15 +594,16 @@ class MoCHA(nn.Module):
         new_labels = all_labels.gather(1, source).masked_fill(is_pad, IGNORE_INDEX)
         return inputs_embeds, new_mask, new_labels, balance_loss, z_loss
 
-    def forward(self, input_ids, attention_mask, labels=None, images=None, num_target_tokens=None, with_stats=False):
+    def forward(self, input_ids, attention_mask, labels=None, images=None, num_target_tokens=None, with_stats=False,
+                expert_mask=None):
         """Eq. 10 loss and its parts. The LM loss is a mean over this batch's learned tokens, or,
         given `num_target_tokens`, their sum over that count (train.py passes the global batch's
         mean per micro-batch, so every learned token weighs the same whatever the GPU or micro-step).
         with_stats: also out['stats'], the routing and HGA statistics of this batch's images (see
-        encode_images; empty for a batch without images), computed without a graph."""
+        encode_images; empty for a batch without images), computed without a graph. expert_mask: MoVA's routing."""
         stats = {} if with_stats else None
         inputs_embeds, attention_mask, labels, balance_loss, z_loss = self.splice(
-            input_ids, attention_mask, labels, images, stats=stats)
+            input_ids, attention_mask, labels, images, stats=stats, expert_mask=expert_mask)
         logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits  # [B, L', V]
         # next-token cross-entropy over the learned positions (labels shifted by one)
         targets = labels[:, 1:].flatten()
@@ -573,7 +614,7 @@ class MoCHA(nn.Module):
         loss = lm_loss + self.config.balance_coef * balance_loss + self.config.z_coef * z_loss
         no_image = images is None or len(images) == 0
         if self.training and torch.is_grad_enabled() and no_image and any(  # is any of the image path trained?
-                p.requires_grad for part in (self.moecs, self.encoders, self.hga) for p in part.parameters()):
+                p.requires_grad for part in (*self.connectors, self.encoders) for p in part.parameters()):
             # no image: the connectors (and trained encoders) would be out of the graph. FSDP reduce-scatters
             # the gradients each process holds, so every process must hold the same ones (or the run dies on
             # a size mismatch): the image path runs on one blank image, weighted 0 (zero gradients, same loss)
@@ -588,11 +629,11 @@ class MoCHA(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, images=None, max_new_tokens=32, stats=None):
+    def generate(self, input_ids, attention_mask, images=None, max_new_tokens=32, stats=None, expert_mask=None):
         """Greedy decoding from left-padded prompts; returns the new tokens [B, T_new].
         stats: None, or a dict that gets the images' routing and HGA statistics (encode_images)."""
         inputs_embeds, attention_mask, _, _, _ = self.splice(input_ids, attention_mask, None, images,
-                                                             left_padded=True, stats=stats)
+                                                             left_padded=True, stats=stats, expert_mask=expert_mask)
         tokenizer = self.tokenizer
         eos_id = tokenizer.eos_token_id if tokenizer else self.llm.config.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer and tokenizer.pad_token_id is not None else eos_id
@@ -606,13 +647,14 @@ class MoCHA(nn.Module):
         """Stage 1 trains the MoECs; stage 2 the MoECs and the LLM: all of it, or with LoRA only its adapters (the
         MoECs still train in full, as on LLaVA's LoRA path). train_connectors=False: the LLM alone (text)."""
         self.requires_grad_(False)
-        self.moecs.requires_grad_(train_connectors)
+        for connector in self.connectors:
+            connector.requires_grad_(train_connectors)
         self.encoders.requires_grad_(train_encoders)
         for name, param in self.llm.named_parameters():
             param.requires_grad_(stage == 2 and (not self.config.lora_rank or 'lora_' in name))
 
     def saved_parts(self):
-        parts = {'moecs': self.moecs}
+        parts = {'moecs': self.moecs, **({'mova': self.mova} if self.config.connector == 'mova' else {})}
         if self.config.llm_source != 'pretrained' or any(p.requires_grad for p in self.llm.parameters()):
             parts['llm'] = self.llm
         if self.config.encoder_source != 'pretrained' or self.config.train_encoders:
@@ -675,8 +717,8 @@ class MoCHA(nn.Module):
         (it is reloaded by name; LoRA adapters added since start fresh), a stage-2 one all of it, a LoRA one its
         adapters."""
         unexpected = sorted(set(state) - set(self.state_dict()))
-        parts = dict(moecs=self.moecs, llm=self.llm, encoders=self.encoders)
-        needed = dict(moecs=True, llm=self.config.llm_source != 'pretrained',
+        parts = dict(**({'mova': self.mova} if self.config.connector == 'mova' else {}), moecs=self.moecs, llm=self.llm, encoders=self.encoders)
+        needed = dict(moecs=True, mova=True, llm=self.config.llm_source != 'pretrained',
                       encoders=self.config.encoder_source != 'pretrained' or self.config.train_encoders)
         missing = sorted(k for prefix, module in parts.items()
                          if needed[prefix] or any(k.startswith(prefix + '.') for k in state)

@@ -615,6 +615,186 @@ def test_frozen_llm_gets_no_gradient_and_is_not_saved_when_pretrained(tokenizer_
     assert set(model.saved_parts()) == {'moecs', 'encoders'}
 
 
+def save_tiny_llm(tokenizer_dir, path, seed=0):
+    """A tiny Llama saved as a local HF folder: a 'pretrained' LLM that loads by path, offline."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    LlamaForCausalLM(LlamaConfig(**dict(TINY_LLM[1], vocab_size=vocab))).save_pretrained(path)
+    return str(path)
+
+
+def test_a_stage1_checkpoint_of_a_pretrained_llm_loads_without_the_llm_in_it(tokenizer_dir, tmp_path):
+    """Stage 1 saves the MoECs alone: the pretrained LLM is reloaded by name, for eval.py and for stage 2."""
+    config = tiny_config(tokenizer_dir, encoders=('siglip',), llm_source='pretrained',
+                         llm=save_tiny_llm(tokenizer_dir, tmp_path / 'llm'))
+    model = MoCHA(config)
+    model.set_trainable(stage=1)
+    model.save_pretrained(tmp_path / 'stage1')
+    assert not parts(load_file(tmp_path / 'stage1' / 'model.safetensors'), 'llm.')
+    loaded = MoCHA.from_pretrained(str(tmp_path / 'stage1'))
+    assert_same(loaded.state_dict(), model.state_dict())
+    state = load_file(tmp_path / 'stage1' / 'model.safetensors')
+    with pytest.raises(KeyError, match='keys missing'):                   # a part it holds must be whole
+        loaded.load_trainable({k: v for k, v in state.items() if not k.endswith('gate.weight')})
+
+
+@pytest.fixture
+def lora_mocha(tokenizer_dir, tmp_path):
+    """A tiny MoCHA with LoRA (r 4) on a pretrained tiny LLM, its adapters' B moved off zero as training would."""
+    config = tiny_config(tokenizer_dir, encoders=('siglip',), llm_source='pretrained', lora_rank=4, lora_alpha=8,
+                         llm=save_tiny_llm(tokenizer_dir, tmp_path / 'llm'))
+    torch.manual_seed(0)
+    model = MoCHA(config)
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if 'lora_B' in name:
+                param.normal_(std=0.02)
+    return model
+
+
+def test_lora_trains_only_the_adapters_and_the_moecs(lora_mocha):
+    model = lora_mocha
+    model.set_trainable(stage=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in model.state_dict() if 'lora_' in n or n.startswith('moecs.')}
+    adapted = {n.split('.lora_A')[0] for n in trainable if '.lora_A.' in n}
+    assert len(adapted) == 2 * 7 and not any('lm_head' in n for n in adapted)  # every linear layer but the head
+    ids, mask = batch_of([[3, IMAGE_TOKEN_ID, 8, 9]])
+    model(ids, mask, ids.clamp(min=0), random_images(1))['loss'].backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad <= trainable and any('lora_A' in n for n in with_grad) and any('moecs' in n for n in with_grad)
+
+
+def test_lora_checkpoint_holds_the_adapters_alone_and_merges_to_the_same_logits(lora_mocha, tmp_path):
+    model = lora_mocha.eval()
+    model.set_trainable(stage=2)
+    model.save_pretrained(tmp_path / 'ckpt')
+    saved = load_file(tmp_path / 'ckpt' / 'model.safetensors')
+    assert parts(saved, 'llm.') and all('lora_' in k for k in parts(saved, 'llm.'))  # no base weight
+    loaded = MoCHA.from_pretrained(str(tmp_path / 'ckpt')).eval()
+    ids, mask = batch_of([[3, IMAGE_TOKEN_ID, 8, 9, 10], [4, 5, IMAGE_TOKEN_ID, 8, 9]])
+    with torch.no_grad():
+        reference = model(ids, mask, None, random_images(2))['logits']
+        torch.testing.assert_close(loaded(ids, mask, None, random_images(2))['logits'], reference, rtol=0, atol=0)
+        loaded.merge_lora()
+        assert not any('lora_' in n for n in loaded.state_dict())
+        torch.testing.assert_close(loaded(ids, mask, None, random_images(2))['logits'], reference, rtol=0, atol=1e-5)
+    loaded.save_pretrained(tmp_path / 'merged')                            # a plain checkpoint, the LLM whole
+    merged = MoCHA.from_pretrained(str(tmp_path / 'merged')).eval()
+    assert merged.config.lora_rank == 0 and 'llm.lm_head.weight' in load_file(tmp_path / 'merged' / 'model.safetensors')
+    pretrained = load_file(tmp_path / 'llm' / 'model.safetensors')
+    for name in ('self_attn.q_proj', 'mlp.down_proj'):                     # W + (alpha / r) B A, not W
+        key = f'model.layers.0.{name}.weight'
+        assert not torch.allclose(merged.llm.state_dict()[key], pretrained[key], atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, mask, None, random_images(2))['logits'], reference, rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# MoVA's MoV-Adapter (mova.py), the comparison
+
+
+def mova_inputs(seed=0):
+    """Base tokens on a 4x4 grid, two experts on other grids and widths, a text vector: B = 2."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 16, 32, generator=g), [torch.randn(2, 9, 24, generator=g), torch.randn(2, 64, 40, generator=g)],
+            torch.randn(2, 20, generator=g))
+
+
+def trained_looking(adapter, seed=0):
+    """The adapter with every weight random, zero-initialised output projections and gate included."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.normal_(std=0.2)
+    return adapter
+
+
+def test_mova_adapter_starts_as_the_base_path():
+    """Zero-initialised gate and output projections: each block is the identity, (x + base) / 2 is the base."""
+    from mova import MoVAdapter
+    torch.manual_seed(0)
+    adapter = MoVAdapter(32, [24, 40], 20, 48, num_blocks=2, top_k=1, pool=2, head_dim=16)
+    base, experts, text = mova_inputs()
+    pooled = F.avg_pool2d(base.transpose(1, 2).reshape(2, 32, 4, 4), 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(adapter(base, experts, text), adapter.projector(pooled), rtol=0, atol=1e-6)
+
+
+def test_mova_adapter_shapes_and_gradients():
+    from mova import MoVAdapter
+    # top-2 of 2: with top-1 the renormalised weight is 1 whatever the gate says, and the gate learns nothing
+    adapter = trained_looking(MoVAdapter(32, [24, 40], 20, 48, num_blocks=2, top_k=2, pool=2, head_dim=16))
+    base, experts, text = mova_inputs()
+    base.requires_grad_(True)
+    out = adapter(base, experts, text)
+    assert out.shape == (2, 4, 48)                                      # 4x4 grid pooled by 2, to the LLM's width
+    out.square().sum().backward()
+    assert base.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in adapter.named_parameters()), \
+        [n for n, p in adapter.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+
+
+def test_mova_gate_keeps_the_top_k_renormalised_and_masked_experts_at_zero():
+    from mova import MoVAdapterBlock
+    block = trained_looking(MoVAdapterBlock(32, [24, 40, 8], 20, num_heads=2, top_k=2))
+    base, _, text = mova_inputs()
+    weights = block.expert_weights(base, text, torch.tensor([[True, True, True], [True, False, True]]))
+    assert ((weights > 0).sum(-1) == 2).all() and torch.allclose(weights.sum(-1), torch.ones(2))
+    assert weights[1, 1] == 0
+    none = block.expert_weights(base, text, torch.zeros(2, 3, dtype=torch.bool))  # no expert: all zero
+    assert torch.equal(none, torch.zeros(2, 3))
+    logits = block.gate(torch.cat([text, base.mean(1)], -1))
+    top2 = logits.softmax(-1).topk(2).values
+    torch.testing.assert_close(weights[0].sort(descending=True).values[:2], top2[0] / top2[0].sum())
+
+
+def test_a_masked_expert_changes_no_output_and_gets_no_gradient():
+    from mova import MoVAdapter
+    adapter = trained_looking(MoVAdapter(32, [24, 40], 20, 48, num_blocks=2, top_k=2, pool=2, head_dim=16))
+    base, experts, text = mova_inputs()
+    mask = torch.tensor([[True, False], [True, True]])                  # sample 0 does without expert 1
+    out = adapter(base, experts, text, mask)
+    other = torch.randn_like(experts[1])                                # expert 1 shows both samples something else
+    out_other = adapter(base, [experts[0], other], text, mask)
+    assert torch.equal(out[0], out_other[0]) and not torch.equal(out[1], out_other[1])
+    adapter(base[:1], [e[:1] for e in experts], text[:1], mask[:1]).sum().backward()
+    unused = [p.grad for n, p in adapter.named_parameters() if re.search(r'(cross_attns|expert_norms|query_norms)\.1\.', n)]
+    assert unused and all(g is None or not g.any() for g in unused)
+    used = [p.grad for n, p in adapter.named_parameters() if 'cross_attns.0.' in n]
+    assert all(g is not None and g.any() for g in used)
+
+
+def test_routing_answers_parse_to_expert_masks_and_junk_is_counted():
+    from mova import parse_routing, routing_question
+    cases = {'A': [1, 0, 0], 'A, C': [1, 0, 1], 'B C.': [0, 1, 1], 'none': [0, 0, 0], 'None.': [0, 0, 0],
+             'the red one': [1, 1, 1], 'D': [1, 1, 1], '': [1, 1, 1], 'A, none': [1, 1, 1]}
+    for answer, expected in cases.items():
+        mask, malformed = parse_routing(answer, 3)
+        assert mask.tolist() == [bool(e) for e in expected], answer
+        assert malformed == (answer in ('the red one', 'D', '', 'A, none')), answer
+    question = routing_question('Is there a red circle?', ['siglip', 'convnext', 'dinov2'], top_k=3)
+    assert question.splitlines()[2:5] == [l for l in question.splitlines() if l[:3] in ('A. ', 'B. ', 'C. ')]
+    assert question.endswith('\n\nQuestion:\nIs there a red circle?') and 'select the most 3 suitable' in question
+
+
+def test_mova_in_mocha_trains_its_adapter_and_saves_it(tokenizer_dir, tmp_path):
+    """connector='mova': the encoders and the LLM path are MoCHA's, the adapter replaces MoECs and HGA."""
+    torch.manual_seed(0)
+    model = MoCHA(tiny_config(tokenizer_dir, connector='mova', mova_pool=1, mova_blocks=1))
+    assert not model.moecs and not model.hga.enabled and model.num_visual_tokens == 16
+    model.set_trainable(stage=1)
+    assert {n.split('.')[0] for n, p in model.named_parameters() if p.requires_grad} == {'mova'}
+    ids, mask = batch_of([[3, IMAGE_TOKEN_ID, 8, 9], [3, 4, IMAGE_TOKEN_ID, 9]])
+    model(ids, mask, ids.clamp(min=0), random_images(2))['loss'].backward()
+    assert model.mova.projector[0].weight.grad.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path / 'ckpt')
+    loaded = MoCHA.from_pretrained(str(tmp_path / 'ckpt')).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask, None, random_images(2))['logits'],
+                                   model(ids, mask, None, random_images(2))['logits'], rtol=0, atol=0)
+
+
 def test_channel_concat_ablation_uses_one_connector(tokenizer_dir):
     torch.manual_seed(0)
     model = MoCHA(tiny_config(tokenizer_dir, fusion='channel'))
@@ -2292,16 +2472,27 @@ def test_text_training_with_the_image_path_frozen_skips_the_blank_image(tiny_moc
             p.requires_grad_(flag)
 
 
-def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(small_shapes, tmp_path):
+def test_resumed_lora_run_gives_the_losses_of_an_uninterrupted_one_then_merges_and_is_scored(small_shapes, tmp_path):
+    """config/stage2_lora.py's path on the shapes world: LoRA on a pretrained (local) LLM with adapter-only checkpoints,
+    three optimizer param groups (adapters, MoECs at connector_lr_scale, trained encoders at encoder_lr_scale) and
+    dropout, which draws from the RNG the resume restores; then the merged checkpoint and the benchmarks scored."""
+    llm = save_tiny_llm(f'{small_shapes}/tokenizer', tmp_path / 'llm')
     args = ('--max_steps=6', '--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json',
-            '--train_encoders=True', '--encoder_lr_scale=0.5')  # two optimizer param groups
-    full_state, full = run_train(small_shapes, tmp_path / 'full', *args)
+            '--train_encoders=True', '--encoder_lr_scale=0.5', f'--llm={llm}', '--llm_source=pretrained',
+            '--lora_rank=4', '--lora_alpha=8', '--lora_dropout=0.1', '--connector_lr_scale=0.25', '--merge_lora=True')
+    full_state, full = run_train(small_shapes, tmp_path / 'full', *args, '--eval_shapes_at_end=True',
+                                 '--shapes_benchmarks=pope')
     run_train(small_shapes, tmp_path / 'cut', *args, '--stop_at_step=3')
     resumed_state, resumed = run_train(small_shapes, tmp_path / 'cut', *args, '--init_from=resume')
     assert len(full) == len(resumed) == 6
     assert full == pytest.approx(resumed, abs=1e-5)
     for k in full_state:
         torch.testing.assert_close(full_state[k], resumed_state[k], atol=1e-5, rtol=1e-5)
+    assert parts(full_state, 'llm.') and all('lora_' in k for k in parts(full_state, 'llm.'))  # adapters alone
+    assert all(v.abs().sum() > 0 for k, v in full_state.items() if 'lora_B' in k)              # trained off zero
+    merged = load_file(tmp_path / 'full' / 'merged' / 'model.safetensors')
+    assert 'llm.model.layers.0.self_attn.q_proj.weight' in merged and not any('lora_' in k for k in merged)
+    assert json.loads((tmp_path / 'full' / 'eval' / 'results.json').read_text())['pope']['num_missing'] == 0
 
 
 @pytest.fixture(scope='module')
@@ -2395,3 +2586,18 @@ def test_ablate_starts_each_run_after_its_own_sources_only(tmp_path, monkeypatch
         ablate.sources('upcycled', 2, [], checkpoint_of)
     monkeypatch.setattr(ablate, 'lm_config', '')  # --lm_config= : no text step, so nothing to wait for but the upcycled MLP
     assert ablate.sources('upcycled', 0, [], checkpoint_of) == [('mlp', 0)]
+
+
+def test_loader_table_times_one_worker_against_what_each_gpu_needs():
+    """bench.py --table=loader on a tiny stand-in set (4 JPEGs, 8 samples, one pass, a 1-layer LLM for the FLOPs):
+    the real LLaVADataset and collate run in the main process and in one DataLoader worker, and each config's row
+    says how many workers per GPU make what the GPU eats."""
+    result = subprocess.run([sys.executable, 'bench.py', '--table=loader', '--loader_images=4', '--loader_samples=8',
+                             '--repeats=1', '--llm_layers=1', '--encoder_layers=1', '--loader_configs=config/stage2.py'],
+                            check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    lines = result.stdout.splitlines()
+    assert '8 samples' in result.stdout and 'image_aspect pad, image_size 336' in result.stdout
+    worker = next(line for line in lines if line.startswith('one worker (workers=1)')).split()
+    assert float(worker[-2]) > 0 and float(worker[-1]) > 0
+    stage2 = next(line for line in lines if line.startswith('stage2 ')).split()
+    assert int(stage2[4]) >= 1 and stage2[-1].isdigit()  # workers per GPU, and the config's num_workers

@@ -84,6 +84,11 @@ top_k = 2
 hga = True
 k_intra = 7
 k_inter = 3
+connector = 'moec'         # 'moec': MoCHA's MoECs + HGA | 'mova': MoVA's MoV-Adapter instead (mova.py), every expert on
+mova_base = 'clip'         # MoVA: the base encoder whose tokens the experts' are fused into
+mova_blocks = 3            #       adapter blocks, experts each image's gate keeps, grid pooling per side (released: 3, 3, 2)
+mova_top_k = 3
+mova_pool = 2
 balance_coef = 0.1         # Eq. 10: the weights of the MoECs' load-balancing loss
 z_coef = 0.01              #          and of their routers' z-loss
 llm = 'microsoft/phi-2'
@@ -118,7 +123,7 @@ overridden = {k for k in config_keys if config[k] != defaults[k]}  # by a config
 # -----------------------------------------------------------------------------
 # every process checks the enumerated options, so a typo never falls back to a default under torchrun
 for name, allowed in (('parallel', ('ddp', 'fsdp')), ('stage', (1, 2)), ('template', TEMPLATES),
-                      ('fusion', ('sequence', 'channel')), ('on_bad_sample', ('skip', 'error')),
+                      ('fusion', ('sequence', 'channel')), ('connector', ('moec', 'mova')), ('on_bad_sample', ('skip', 'error')),
                       ('image_aspect', IMAGE_ASPECTS),
                       ('dtype', ('float32', 'bfloat16', 'float16'))):
     if config[name] not in allowed:
@@ -192,9 +197,11 @@ model_config = MoCHAConfig(
     feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
     num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter, balance_coef=balance_coef,
     z_coef=z_coef, llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None, template=template,
-    lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, connector=connector, mova_base=mova_base,
+    mova_blocks=mova_blocks, mova_top_k=mova_top_k, mova_pool=mova_pool)
 ARCHITECTURE = ('encoders', 'encoder_source', 'encoder_resolution', 'image_size', 'feature_layer', 'fusion',
-                'num_experts', 'top_k', 'hga', 'k_intra', 'k_inter', 'llm', 'llm_source', 'llm_layers')
+                'num_experts', 'top_k', 'hga', 'k_intra', 'k_inter', 'llm', 'llm_source', 'llm_layers', 'connector',
+                'mova_base', 'mova_blocks', 'mova_top_k', 'mova_pool')
 LORA = ('lora_rank', 'lora_alpha', 'lora_dropout')  # a stage-1 checkpoint gets adapters in stage 2; a resumed run keeps its
 
 def warn_past_trained_positions(llm_config):
@@ -391,7 +398,7 @@ elif distributed:
 named_trainable = [(n.removeprefix('module.'), p) for n, p in model.named_parameters() if p.requires_grad]
 trainable = [p for _, p in named_trainable]
 lr_scale_of = lambda name: (encoder_lr_scale if name.startswith('encoders.') else
-                             connector_lr_scale if name.startswith('moecs.') else 1.0)
+                             connector_lr_scale if name.startswith(('moecs.', 'mova.')) else 1.0)
 param_groups = [dict(params=[p for n, p in named_trainable if lr_scale_of(n) == scale], lr_scale=scale)
                 for scale in sorted({lr_scale_of(n) for n, _ in named_trainable})]
 optimizer = torch.optim.AdamW([g for g in param_groups if g['params']], lr=learning_rate, betas=(beta1, beta2),
@@ -451,7 +458,7 @@ def global_sum(value):
 # layout, summed over the log interval (and over processes) and then averaged.
 MOEC_FIELDS, HGA_FIELDS = ('entropy', 'balance_loss', 'z_loss'), ('gate', 'intra_weight', 'inter_weight')
 moec_names = list(raw_model.moecs)
-experts_per_moec = len(next(iter(raw_model.moecs.values())).experts)
+experts_per_moec = len(next(iter(raw_model.moecs.values())).experts) if moec_names else 0  # MoVA: no MoECs
 with_hga = raw_model.hga.enabled
 stats_width = len(moec_names) * (experts_per_moec + len(MOEC_FIELDS)) + len(HGA_FIELDS) * with_hga
 

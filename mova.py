@@ -1,0 +1,160 @@
+"""
+MoVA beside MoCHA: the other way to fuse many vision experts, coarse to fine.
+
+References:
+1) the paper, "MoVA: Adapting Mixture of Vision Experts to Diverse Multimodal Context", arXiv 2404.13046;
+2) its released code (github.com/TempleX98/MoVA): the MoV-Adapter in
+   mova/model/multimodal_projector/builder.py (MoVAdapter, AdapterBlock), the routing prompt in mova/constants.py
+   and its two passes in mova/eval/model_vqa_loader.py.
+
+Where MoCHA sends every encoder through its own sparse connector and fuses all the tokens with HGA, MoVA keeps
+one base encoder's tokens (CLIP) as the queries and lets the other encoders, the experts, add to them:
+
+    image ─┬─ CLIP (base) ─────────────► MoV-Adapter blocks ─► (x + base) / 2 ─► pool ─► MLP ─► LLM
+           ├─ SigLIP   ─┐                 ▲ gate(question, image) over the experts
+           ├─ ConvNeXt ─┼─ resized to ───┘ cross-attention to each expert
+           └─ DINOv2   ─┘  the base grid
+
+Coarse routing, the LLM picking the experts that suit the question before it answers, is MoVA's other half. Here
+the adapter takes the choice as `expert_mask` ([B, E], True = use); with every expert on it is the `mova` model.
+
+Where this file departs from the released adapter (each to keep it short; none measured against it):
+- the gate reads the mean of the LLM's own input embeddings over the prompt's tokens, not BERT-large's CLS of the
+  question (no second text model to load);
+- plain multi-head attention without the released 2-D rotary embedding and sub-LayerNorm, a GELU MLP instead of
+  the SwiGLU, no learned position embedding (the base tokens carry CLIP's);
+- average pooling of the grid instead of the two RegNet stages around the released pooling.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def resize_to_grid(tokens, side):
+    """[B, h*w, C] tokens of a square grid, bilinearly resized to side x side: [B, side*side, C]."""
+    B, n, C = tokens.shape
+    h = math.isqrt(n)
+    grid = tokens.transpose(1, 2).reshape(B, C, h, h)
+    if h != side:
+        grid = F.interpolate(grid, size=(side, side), mode='bilinear', align_corners=False)
+    return grid.flatten(2).transpose(1, 2)
+
+
+def zero_init(linear):
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+class MoVAdapterBlock(nn.Module):
+    """One block of the MoV-Adapter (released AdapterBlock). x: the base tokens [B, N, D]; experts: each [B, N, d_e]
+    on the same grid; text [B, d_text]; expert_mask [B, E] bool. Every output projection starts at zero, so at
+    initialisation the block is the identity and the adapter is the base path."""
+
+    def __init__(self, dim, expert_dims, text_dim, num_heads, top_k):
+        super().__init__()
+        self.top_k = min(top_k, len(expert_dims))
+        self.gate = nn.Sequential(nn.Linear(text_dim + dim, dim), nn.GELU(), zero_init(nn.Linear(dim, len(expert_dims))))
+        self.query_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in expert_dims)
+        self.expert_norms = nn.ModuleList(nn.LayerNorm(d) for d in expert_dims)
+        self.cross_attns = nn.ModuleList(nn.MultiheadAttention(dim, num_heads, kdim=d, vdim=d, batch_first=True)
+                                         for d in expert_dims)
+        self.self_norm = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), zero_init(nn.Linear(4 * dim, dim)))
+        for attention in (*self.cross_attns, self.self_attn):
+            zero_init(attention.out_proj)
+
+    def expert_weights(self, x, text, expert_mask):
+        """The dynamic gate: g = softmax(MLP([t; mean_i x_i]) + m), m = -1e6 on masked experts, then the top-k kept
+        and renormalised; all zero for a sample with no expert (the released routing_binary_weight). [B, E]"""
+        logits = self.gate(torch.cat([text, x.mean(1)], dim=-1)).float()               # [B, E]
+        weights = (logits - 1e6 * (~expert_mask)).softmax(dim=-1)                       # masked: exactly 0
+        kept = torch.zeros_like(weights).scatter(1, weights.topk(self.top_k, dim=-1).indices, 1.0)
+        weights = weights * kept
+        weights = weights / weights.sum(-1, keepdim=True)
+        return weights * expert_mask.any(-1, keepdim=True)
+
+    def forward(self, x, experts, text, expert_mask):
+        weights = self.expert_weights(x, text, expert_mask)                             # [B, E]
+        # x <- x + sum_e g_e CrossAttn_e(LN x, LN F_e): one attention per expert (their key widths differ)
+        fused = torch.stack([attention(query_norm(x), expert_norm(f), expert_norm(f), need_weights=False)[0]
+                             for attention, query_norm, expert_norm, f
+                             in zip(self.cross_attns, self.query_norms, self.expert_norms, experts)], dim=1)  # [B, E, N, D]
+        x = x + (weights.to(fused.dtype)[:, :, None, None] * fused).sum(1)
+        attended = self.self_norm(x)
+        x = x + self.self_attn(attended, attended, attended, need_weights=False)[0]    # x <- x + SelfAttn(LN x)
+        return x + self.mlp(self.mlp_norm(x))                                           # x <- x + MLP(LN x)
+
+
+class MoVAdapter(nn.Module):
+    """The MoV-Adapter (released MoVAdapter): blocks over the base tokens, (x + base) / 2, the grid pooled by `pool`
+    on each side, then an MLP to the LLM's width. Returns [B, N / pool^2, d_llm]."""
+
+    def __init__(self, base_dim, expert_dims, text_dim, llm_dim, num_blocks=3, top_k=3, pool=2, head_dim=64):
+        super().__init__()
+        self.pool = pool
+        num_heads = max(base_dim // head_dim, 1)
+        self.blocks = nn.ModuleList(MoVAdapterBlock(base_dim, expert_dims, text_dim, num_heads, top_k)
+                                    for _ in range(num_blocks))
+        self.projector = nn.Sequential(nn.Linear(base_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+    def forward(self, base_tokens, expert_tokens, text, expert_mask=None):
+        """base_tokens [B, N, D]; expert_tokens: each [B, N_e, d_e]; text [B, d_text]; expert_mask [B, E] bool,
+        None = every expert."""
+        B, N, D = base_tokens.shape
+        side = math.isqrt(N)
+        if expert_mask is None:
+            expert_mask = torch.ones(B, len(expert_tokens), dtype=torch.bool, device=base_tokens.device)
+        experts = [resize_to_grid(tokens, side) for tokens in expert_tokens]            # each [B, N, d_e]
+        x = base_tokens
+        for block in self.blocks:
+            x = block(x, experts, text, expert_mask)
+        x = (x + base_tokens) / 2
+        grid = x.transpose(1, 2).reshape(B, D, side, side)
+        pooled = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)               # [B, N / pool^2, D]
+        return self.projector(pooled)
+
+
+# -----------------------------------------------------------------------------
+# Coarse routing: the routing prompt (released mova/constants.py, ROUTING_PROMPT) and its answer
+
+ROUTING_HEADER = ("You are a helpful assistant router. Based on the visual content, questions, and model pool the user "
+                  "provides, you need to consider the expertise of these models to select the most {k} suitable models "
+                  "to help you answer the questions. Answer with the model's letter from the given choices directly. "
+                  "If no models are selected, just answer 'none'.\nModel pool:")
+# one line per expert, in the order of the adapter's experts (ENCODER_ORDER without the base)
+EXPERT_DESCRIPTIONS = {  # what each was trained on, nothing more
+    'siglip': "This model was trained to match images with their captions, at 384 pixels.",
+    'convnext': "This convolutional model was trained to match images with their captions and sees the image at a "
+                "higher resolution, with its fine detail.",
+    'clip': "This model was trained to match images with their captions, at 336 pixels.",
+    'dinov2': "This model was trained on images alone, without text, and keeps their shapes and layout.",
+}
+LETTERS = 'ABCDEFG'
+
+
+def routing_question(question, experts, top_k):
+    """The routing turn's text for a question (no image placeholder): the header, one lettered line per expert,
+    then the question, as the released eval builds it."""
+    pool = ''.join(f"\n{LETTERS[i]}. {EXPERT_DESCRIPTIONS[name]}" for i, name in enumerate(experts))
+    return ROUTING_HEADER.format(k=top_k) + pool + "\n\nQuestion:\n" + question
+
+
+def parse_routing(answer, num_experts):
+    """The routing answer as (mask [num_experts] bool, malformed). Letters separated by commas or spaces ("A, C"),
+    or "none" (no expert). Anything else, or a letter past the pool, is malformed: every expert is used, and the
+    caller counts it. (The released get_routing_weights looks for each capital letter anywhere in the first three
+    comma-separated parts, so junk text there may switch experts on or off; we would rather count it.)"""
+    words = [w for w in answer.replace(',', ' ').split() if w]
+    if [w.lower().strip('.') for w in words] == ['none']:
+        return torch.zeros(num_experts, dtype=torch.bool), False
+    letters = [w.strip('.') for w in words]
+    if not letters or any(len(l) != 1 or l not in LETTERS[:num_experts] for l in letters):
+        return torch.ones(num_experts, dtype=torch.bool), True
+    mask = torch.zeros(num_experts, dtype=torch.bool)
+    mask[[LETTERS.index(l) for l in letters]] = True
+    return mask, False
