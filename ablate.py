@@ -55,6 +55,9 @@ VARIANTS = {
     # A second step, after 'mlp'. Only the connectors are copied (the LM and encoders start fresh, as in
     # 'full'), and the MLP's own training is not counted in this run's steps.
     'upcycled': ['--upcycle_from={out_dir}/mlp/seed{seed}/ckpt'],
+    # MoVA beside MoCHA (mova.py): the MoV-Adapter over CLIP's 3x3 tokens (unpooled: pooling would leave one), every
+    # expert on; not a paper ablation but the other design on the same encoders, LM, data and budget
+    'mova': ['--connector=mova', '--mova_pool=1'],
 }
 # the table's columns: name -> where in a run's eval/results.json (None: computed in run_metrics)
 METRICS = {

@@ -17,6 +17,7 @@ Benchmarks, after nanoGPT's bench.py:
     python bench.py --table=memory      # about 3 minutes on 2 CPU cores, no GPU needed
     python bench.py --table=loader      # 40 s on 2 idle CPU cores, 50-75 s on busy ones
 """
+import glob
 import json
 import math
 import os
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mocha import (ENCODER_ORDER, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, Encoders, MoCHA, MoCHAConfig, MoEC,
-                   add_lora, build_llm, count_flops, fake_batch, fake_tensors, lean_memory_tracker)
+from mocha import (HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, MoCHA, MoCHAConfig, MoEC, add_lora, count_flops,
+                   fake_batch, fake_tensors, lean_memory_tracker)
 from released import released_hga, released_moec
 
 # -----------------------------------------------------------------------------
@@ -41,7 +42,7 @@ d_enc, d_llm = 1024, 2560           # Phi-2's width
 moec_tokens = 576
 repeats = 3
 seed = 0
-table = 'all'              # 'speed' | 'params' | 'memory' | 'all' (the three) | 'loader'
+table = 'all'              # 'speed' | 'params' | 'memory' | 'all' (the three) | 'loader' | 'answer'
 # memory table: the shipped real configs, traced at world_size GPUs
 configs = ('config/stage1.py,config/stage2.py,config/stage1_vicuna7b.py,config/stage2_vicuna7b.py,'
            'config/stage2_lora.py,config/stage2_vicuna7b_lora.py')
@@ -50,6 +51,8 @@ llm_layers = 0             # > 0 cuts the traced towers to that depth (the test'
 encoder_layers = 0
 memory_json = ''           # also write the memory table's rows here, as JSON
 micro_batch = 0            # > 0 replaces each config's batch_size (what fits smaller cards)
+# answer table: one answer's prefill FLOPs, MoCHA (one pass) against MoVA (routing pass + answer pass)
+answer_text_tokens = 40    # a short question in its template (a POPE question under phi: about 40 BPE tokens)
 # loader table: the stage-2 configs' data settings, timed per worker against what a GPU needs
 loader_configs = 'config/stage2.py,config/stage2_vicuna7b.py'  # + config/stage2*_lora.py: about 10 s each more
 loader_images = 48         # JPEGs written (cycled through by the samples)
@@ -141,20 +144,19 @@ def count(module, trainable_only=False):
 
 
 def params_table():
-    print(f"{'model':<16s} {'encoders':>9s} {'MoECs':>8s} {'LLM':>8s} {'total':>8s} {'stage 1':>9s} {'stage 2':>9s} "
+    print(f"{'model':<22s} {'encoders':>9s} {'connector':>9s} {'LLM':>8s} {'total':>8s} {'stage 1':>9s} {'stage 2':>9s} "
           f"{'LoRA 128':>9s}  (billions; stage = trainable; LoRA: stage 2 with r 128 adapters)")
-    with torch.device('meta'):
-        encoders = Encoders(ENCODER_ORDER, 'random')
     for llm_id in LLM_SPECS:
-        with torch.device('meta'):
-            llm = build_llm(llm_id, 'random')
-            d = llm.config.hidden_size
-            moecs = [MoEC(dim, d, 4, 2) for dim in encoders.dims]
-        n_enc, n_moec, n_llm = count(encoders), sum(count(m) for m in moecs), count(llm)
-        n_lora = count(add_lora(llm, 128, 256, 0.05), trainable_only=True)
-        print(f"{llm_id.split('/')[-1]:<16s} {n_enc / 1e9:9.3f} {n_moec / 1e9:8.3f} {n_llm / 1e9:8.3f} "
-              f"{(n_enc + n_moec + n_llm) / 1e9:8.3f} {n_moec / 1e9:9.3f} {(n_moec + n_llm) / 1e9:9.3f} "
-              f"{(n_moec + n_lora) / 1e9:9.3f}")
+        for connector in ('moec', 'mova'):
+            with torch.device('meta'):
+                model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=llm_id, connector=connector))
+            n_enc, n_llm = count(model.encoders), count(model.llm)
+            n_connector = sum(count(c) for c in model.connectors)
+            n_lora = count(add_lora(model.llm, 128, 256, 0.05), trainable_only=True)
+            name = ('MoVA-' if connector == 'mova' else 'MoCHA-') + llm_id.split('/')[-1]
+            print(f"{name:<22s} {n_enc / 1e9:9.3f} {n_connector / 1e9:9.3f} {n_llm / 1e9:8.3f} "
+                  f"{(n_enc + n_connector + n_llm) / 1e9:8.3f} {n_connector / 1e9:9.3f} {(n_connector + n_llm) / 1e9:9.3f} "
+                  f"{(n_connector + n_lora) / 1e9:9.3f}")
 
 # -----------------------------------------------------------------------------
 # memory and FLOPs of one training step of each shipped config, per GPU at world_size GPUs.
@@ -182,7 +184,7 @@ CARDS_MIB = {80: 81559, 48: 46068, 24: 23028}
 TRAIN_DEFAULTS = dict(stage=1, llm='microsoft/phi-2', batch_size=4, max_length=2560, parallel='ddp',
                       num_experts=4, top_k=2, gradient_checkpointing=True, dtype='bfloat16',
                       template='plain', image_aspect='crop', image_size=336, num_workers=4, lora_rank=0,
-                      lora_alpha=256, lora_dropout=0.05)  # train.py's
+                      lora_alpha=256, lora_dropout=0.05, connector='moec', mova_pool=2)  # train.py's
 
 
 def read_config(path):
@@ -209,6 +211,7 @@ def meta_model(cfg, checkpointing=True):
         model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=cfg['llm'],
                                   num_experts=cfg['num_experts'], top_k=cfg['top_k'], lora_rank=cfg['lora_rank'],
                                   lora_alpha=cfg['lora_alpha'], lora_dropout=cfg['lora_dropout'], llm_layers=llm_layers,
+                                  connector=cfg['connector'], mova_pool=cfg['mova_pool'],
                                   encoder_layers=encoder_layers))
     model.set_trainable(cfg['stage'])
     if checkpointing:
@@ -399,6 +402,40 @@ def instruct_json(folder, image_names, words, rng):
     return path
 
 
+def prefill_tflops(llm_id, connector, text_tokens):
+    """TFLOP of one forward over <image> + text_tokens tokens at full size (fake tensors, bf16 autocast): a greedy
+    answer's prefill, and the encoders' share of it; and the visual tokens. The LM head runs over every position here
+    (generate needs the last one's only)."""
+    with torch.device('meta'):
+        model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=llm_id, connector=connector))
+    input_ids = torch.full((1, 1 + text_tokens), 3)
+    input_ids[0, 0] = IMAGE_TOKEN_ID
+    prompt = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                  images=torch.empty(1, 3, 336, 336, dtype=torch.uint8))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        counted = count_flops(model, prompt, backward=False)
+    encoders = sum(sum(ops.values()) for name, ops in counted['by_module'].items() if name == 'MoCHA.encoders')
+    return counted['hardware'] / 1e12, encoders / 1e12, model.num_visual_tokens
+
+
+def answer_table():
+    from mova import routing_question
+    docs = [open(f).read() for f in ['README.md'] + sorted(glob.glob('docs/*.md'))]
+    routing_text = routing_question('', ['siglip', 'convnext', 'dinov2'], 3)
+    routing_tokens = len(bpe_tokenizer(docs)(routing_text)['input_ids'])  # English BPE trained on the docs: Phi-2-like
+    print(f"prefill TFLOP of one answer at full size: <image> + a question of {answer_text_tokens} tokens; MoVA first "
+          f"routes with its routing prompt ({routing_tokens} more tokens, counted with a byte-level BPE trained on "
+          f"this repo's docs), then answers (the few generated tokens not counted)")
+    print(f"{'model':<22s} {'visual':>7s} {'routing':>8s} {'answer':>8s} {'total':>8s} {'encoders':>9s}  (TFLOP; "
+          f"encoders: their share of one pass, which our routing pass runs again)")
+    for llm_id in LLM_SPECS:
+        for connector in ('moec', 'mova'):
+            answer, encoders, visual = prefill_tflops(llm_id, connector, answer_text_tokens)
+            routing = prefill_tflops(llm_id, connector, answer_text_tokens + routing_tokens)[0] if connector == 'mova' else 0
+            name = ('MoVA-' if connector == 'mova' else 'MoCHA-') + llm_id.split('/')[-1]
+            print(f"{name:<22s} {visual:7d} {routing:8.2f} {answer:8.2f} {routing + answer:8.2f} {encoders:9.2f}")
+
+
 def samples_per_second(dataset, cfg, pad_id, workers):
     """Samples/s out of a DataLoader as train.py builds it, with `workers` worker processes (0: the main process),
     collate included; timed from the first batch to the last, so worker start-up is left out."""
@@ -495,3 +532,5 @@ if table in ('memory', 'all'):
     memory_table()
 if table == 'loader':
     loader_table()
+if table == 'answer':
+    answer_table()

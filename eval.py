@@ -302,10 +302,11 @@ def score_mme(answers, mme_root):
 # answering: batched greedy decoding, sharded over torchrun ranks, resumable
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts, images, max_new_tokens, stats=None):
+def generate_answers(model, tokenizer, prompts, images, max_new_tokens, stats=None, expert_mask=None):
     """Greedy answers (stripped strings) to a batch of prompts (lists of token ids), left-padded for batched generation.
     images: one uint8 [3, S, S] per prompt holding the <image> placeholder, in batch order.
-    stats: None, or a dict that gets the images' routing and HGA statistics (MoCHA.generate)."""
+    stats: None, or a dict that gets the images' routing and HGA statistics (MoCHA.generate).
+    expert_mask: MoVA only, [len(images), E] bool, the experts each image may use (None: all)."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else eos_id  # Phi-2's tokenizer has no pad token
     if pad_id is None:
@@ -318,13 +319,28 @@ def generate_answers(model, tokenizer, prompts, images, max_new_tokens, stats=No
         input_ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         attention_mask[row, longest - len(prompt):] = 1
     image_batch = torch.stack(images).to(device) if images else None  # (n_img, 3, S, S)
-    new_ids = model.generate(input_ids.to(device), attention_mask.to(device), image_batch,
-                             max_new_tokens=max_new_tokens, stats=stats)  # (B, T_new), eos/pad after the end
+    new_ids = model.generate(input_ids.to(device), attention_mask.to(device), image_batch, max_new_tokens=max_new_tokens,
+                             stats=stats, expert_mask=None if expert_mask is None else expert_mask.to(device))  # (B, T_new)
     answers = []
     for ids in new_ids.tolist():
         ends = [ids.index(t) for t in (eos_id, pad_id) if t is not None and t in ids]
         answers.append(tokenizer.decode(ids[:min(ends, default=len(ids))], skip_special_tokens=True).strip())
     return answers
+
+def route_experts(model, tokenizer, texts, images, template):
+    """MoVA's coarse routing, its first pass (the released model_vqa_loader.py): the LLM reads the routing prompt over
+    each image, seen through the adapter with no expert, and answers with the experts' letters. Returns the expert
+    masks [n_img, E] and the routing answers; an answer parse_routing cannot read uses every expert."""
+    from mova import parse_routing, routing_question
+    experts = [name for name in model.encoders.encoders if name != model.config.mova_base]
+    prompts = [data.build_prompt('<image>\n' + routing_question(text.replace('<image>', '').strip(), experts,
+                                                                  model.config.mova_top_k), tokenizer, template)
+               for text in texts]
+    no_expert = torch.zeros(len(images), len(experts), dtype=torch.bool)
+    answers = generate_answers(model, tokenizer, prompts, images, max_new_tokens=8, expert_mask=no_expert)
+    masks, malformed = zip(*(parse_routing(answer, len(experts)) for answer in answers))
+    return torch.stack(masks), answers, malformed
+
 
 def image_path(question, image_folder, question_file):
     path = os.path.join(image_folder, question['image'])
@@ -334,7 +350,7 @@ def image_path(question, image_folder, question_file):
 
 def answer_questions(model, tokenizer, question_file, image_folder, answers_file, template=None,
                      batch_size=8, max_new_tokens=128, image_size=None, model_id='nanomocha', routing=None,
-                     weights=None):
+                     weights=None, route=False):
     """Answer a LLaVA question jsonl ({question_id, image?, text}) into a LLaVA answers jsonl
     ({question_id, prompt, text, answer_id, model_id, metadata}), in question order.
     Resumable: questions already answered in answers_file (or in shard files left by an interrupted run)
@@ -346,7 +362,10 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     routing: None, or expert_usage_sums(model), to which each batch's routing statistics are added.
     weights: what names the weights answering (checkpoint_stamp of their checkpoint), kept beside the answers in
     answers_file + '.weights': answers from other weights (a checkpoint retrained into the same out_dir) are
-    renamed *.other and the questions answered again, never resumed. None: no check."""
+    renamed *.other and the questions answered again, never resumed. None: no check.
+    route: MoVA models only, MoVA's two passes: the LLM first picks each image's experts (route_experts), then
+    answers with them; the routing answer goes into the record's metadata, and one it cannot read is flagged there
+    (malformed) and answered with every expert. Otherwise every expert is used."""
     template = template or model.config.template
     image_size = image_size or model.config.image_size
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -373,21 +392,27 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     with open(f'{answers_file}.rank{rank}', 'a') as shard:
         for batch in batches[rank::world_size]:
-            prompts, images = [], []
+            prompts, images, image_texts = [], [], []
             for _, question in batch:
                 text = question['text']
                 if question.get('image'):  # LLaVA puts the image first: "<image>\n" + question
                     images.append(data.load_image(image_path(question, image_folder, question_file), image_size))
+                    image_texts.append(text)
                     text = text if '<image>' in text else '<image>\n' + text
                 prompts.append(data.build_prompt(text, tokenizer, template))
+            expert_mask, routed = None, {}  # routed: question index -> its routing answer
+            if route and images:
+                expert_mask, routing_answers, malformed = route_experts(model, tokenizer, image_texts, images, template)
+                with_image = [index for index, question in batch if question.get('image')]
+                routed = {i: dict(experts=a, malformed=m) for i, a, m in zip(with_image, routing_answers, malformed)}
             stats = {} if routing is not None else None
-            texts = generate_answers(model, tokenizer, prompts, images, max_new_tokens, stats)
+            texts = generate_answers(model, tokenizer, prompts, images, max_new_tokens, stats, expert_mask)
             if stats:  # the generation's first forward: every image of the batch, routed once
                 routing['sums'] += torch.stack([stats[name]['usage'].float().cpu() for name in model.moecs]) * len(images)
                 routing['images'] += len(images)
             for (index, question), text in zip(batch, texts):
                 record = dict(question_id=question['question_id'], prompt=question['text'], text=text,
-                              answer_id=index, model_id=model_id, metadata={})
+                              answer_id=index, model_id=model_id, metadata=routed.get(index, {}))
                 shard.write(json.dumps(record) + '\n')
             shard.flush()
     model.train(was_training)
@@ -478,7 +503,7 @@ def expert_usage(model, routing):
                 expert_usage_images=images)
 
 def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_new_tokens, model_id='nanomocha',
-                  weights=None):
+                  weights=None, route=False):
     """Answer files['question_file'] into out_dir/{benchmark}_answers.jsonl and score it (rank 0; None elsewhere)."""
     if benchmark not in BENCHMARK_FILES:
         raise ValueError(f"unknown benchmark {benchmark!r}, expected one of {sorted(BENCHMARK_FILES)} or 'shapes'")
@@ -489,12 +514,15 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
     routing = expert_usage_sums(model)
     answer_questions(model, tokenizer, files['question_file'], files['image_folder'], answers_file,
                      batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id, routing=routing,
-                     weights=weights)
+                     weights=weights, route=route)
     usage = expert_usage(model, routing)  # every rank takes part in its all-reduce
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     answers = read_jsonl(answers_file)
     results = dict(score_benchmark(benchmark, answers, files), **usage)
+    if route:  # MoVA's routing: how many routing answers could not be read (and used every expert)
+        routed = [a['metadata'] for a in answers if 'malformed' in a.get('metadata', {})]
+        results['routing_malformed'] = dict(count=sum(m['malformed'] for m in routed), of=len(routed))
     if benchmark == 'gqa':  # the inputs of the official scorers, to check these numbers with them
         write_gqa_predictions(answers, files['questions_json'], out_dir)
     elif benchmark == 'mme':
@@ -566,7 +594,7 @@ def shapes_files(shapes_dir):
 SHAPES_BENCHMARKS = ('pope', 'gqa', 'mme')
 
 def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_new_tokens=16, model_id='nanomocha',
-                    benchmarks=SHAPES_BENCHMARKS, weights=None):
+                    benchmarks=SHAPES_BENCHMARKS, weights=None, route=False):
     """Answer and score the shapes benchmarks (default: the three on images; 'gqa_words' asks GQA's questions
     about the scenes written in words, which is how the text step is scored); answers and results.json go to out_dir.
     Resumable like answer_questions (weights: as there). Under torchrun every
@@ -576,7 +604,7 @@ def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_ne
     for benchmark in benchmarks:
         files = shapes_files(shapes_dir)[benchmark]
         results[benchmark] = run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
-                                           max_new_tokens, model_id, weights)
+                                           max_new_tokens, model_id, weights, route)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     write_results(results, out_dir)
@@ -704,6 +732,7 @@ if __name__ == '__main__':
     # decoding
     batch_size = 16
     max_new_tokens = 128  # LLaVA's default; benchmark answers are a word or two
+    route = False  # MoVA checkpoints: its two passes, the LLM picking each image's experts first; else every expert
     # system
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -724,6 +753,9 @@ if __name__ == '__main__':
 
     model = MoCHA.from_pretrained(ckpt_dir).to(device)
     model.eval()
+    if route and model.config.connector != 'mova':
+        raise ValueError(f"route=True is MoVA's routing pass, and {ckpt_dir} is a MoCHA checkpoint (connector "
+                         f"{model.config.connector!r})")
     tokenizer = model.tokenizer  # saved in the checkpoint: the one the model was trained with
     if template and template != model.config.template:
         print(f"WARNING: {ckpt_dir} was trained with the {model.config.template!r} template; prompting it with "
@@ -744,12 +776,12 @@ if __name__ == '__main__':
                     print(generate_answers(model, tokenizer, [prompt], [picture], max_new_tokens)[0])
         elif benchmark == 'shapes':
             evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size, max_new_tokens, model_id,
-                            shapes_benchmarks.split(','), checkpoint_stamp(ckpt_dir))
+                            shapes_benchmarks.split(','), checkpoint_stamp(ckpt_dir), route)
         else:
             files = dict(question_file=question_file, image_folder=image_folder, annotation_dir=annotation_dir,
                          questions_json=questions_json, mme_root=mme_root)
             results = {benchmark: run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
-                                                max_new_tokens, model_id, checkpoint_stamp(ckpt_dir))}
+                                                max_new_tokens, model_id, checkpoint_stamp(ckpt_dir), route)}
             if master_process:
                 write_results(results, out_dir)
     if ddp:

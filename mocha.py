@@ -794,7 +794,7 @@ def fake_batch(batch):
     return {name: fake(value) for name, value in batch.items()}
 
 
-def count_flops(model, batch):
+def count_flops(model, batch, backward=True):
     """FLOPs of one training forward + backward of `batch` (MoCHA.forward's arguments by name) through `model`
     (a MoCHA, not wrapped by DDP/FSDP), counted by torch's FlopCounterMode (matmuls, convolutions, attention)
     on fake tensors: the same modules run on stand-ins of their weights that have shapes but no storage, so the
@@ -804,7 +804,8 @@ def count_flops(model, batch):
     autograd's C++ nodes that Python's garbage collector cannot see, so every recomputed layer's activations
     live until the counter exits: 14.6 GiB more at the traced peak of Phi-2 stage 2.)
     Run it under the step's autocast. Returns 'hardware' (all that ran: with gradient checkpointing, the decoder
-    layers' forward twice), 'model' (each once: what MFU counts) and 'by_module' ({module name: {op: FLOPs}})."""
+    layers' forward twice), 'model' (each once: what MFU counts) and 'by_module' ({module name: {op: FLOPs}}).
+    backward=False: the forward alone, in eval mode (a prompt's prefill, say)."""
     import copy
     from torch.utils.checkpoint import set_checkpoint_early_stop
     from torch.utils.flop_counter import FlopCounterMode
@@ -820,15 +821,16 @@ def count_flops(model, batch):
         for t in [*model.parameters(), *model.buffers()]:
             stand_in = torch.empty(t.shape, dtype=t.dtype)
             memo[id(t)] = nn.Parameter(stand_in, t.requires_grad) if isinstance(t, nn.Parameter) else stand_in
-        stand_in_model = copy.deepcopy(model, memo).train()
+        stand_in_model = copy.deepcopy(model, memo).train(backward)
         inputs = dict(fake_batch(batch), with_stats=False)  # statistics are not the step's FLOPs
         # the recompute reruns each checkpointed layer's whole forward (torch otherwise stops it as soon as the
         # saved tensors are back), so that it is exactly the layers' forward FLOPs, counted before the backward
-        with set_checkpoint_early_stop(False), counter:
+        with set_checkpoint_early_stop(False), counter, torch.set_grad_enabled(backward):
             loss = stand_in_model(**inputs)['loss']
             recompute = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                            if checkpointed and re.search(r'\.llm\.model\.layers\.\d+$', name))
-            loss.backward()
+                            if checkpointed and backward and re.search(r'\.llm\.model\.layers\.\d+$', name))
+            if backward:
+                loss.backward()
     hardware = counter.get_total_flops()
     return dict(hardware=hardware, model=hardware - recompute, by_module=counter.get_flop_counts())
 

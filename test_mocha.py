@@ -1031,6 +1031,24 @@ def test_templates_equal_the_released_preprocessing_token_for_token(template, to
         assert exact == one_round < len(samples)
 
 
+@pytest.mark.parametrize('template, tokenizer_name', [('phi', 'bpe'), ('vicuna_v1', 'llama'), ('vicuna_v1', 'llama-nonlegacy')])
+def test_mova_routing_turn_is_token_exact_and_its_prompt_is_the_training_prompt(template, tokenizer_name, tokenizers):
+    """MoVA's routing conversation (the routing prompt over the image, answered with letters) through our templates
+    gives the released preprocessing's tokens and learns the letters; eval's routing pass prompts with its prefix."""
+    from mova import routing_question
+    tokenizer = tokenizers[tokenizer_name]
+    routing = '<image>\n' + routing_question('Is the red object a circle?\nAnswer the question using a single word '
+                                             'or phrase.', ['siglip', 'convnext', 'dinov2'], top_k=3)
+    for answer in ('A, C', 'none'):
+        conversations = [{'from': 'human', 'value': routing}, {'from': 'gpt', 'value': answer}]
+        input_ids, labels = data.tokenize_conversation(conversations, tokenizer, template)
+        released_ids, released_labels, mismatch = released_preprocess(conversations, tokenizer, template, True)
+        assert input_ids == released_ids and not mismatch and labels == released_labels
+        first_learned = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert data.build_prompt(routing, tokenizer, template) == input_ids[:first_learned]
+        assert ''.join(learned_text(input_ids, labels, tokenizer).split()) == ''.join((answer + tokenizer.eos_token).split())
+
+
 @pytest.mark.parametrize('legacy', [True, False])
 def test_image_goes_first_and_the_text_after_it_is_its_own_chunk(legacy, llama_tokenizers, bpe_tokenizer):
     """preprocess_multimodal moves <image> to the front of its turn; tokenizer_image_token encodes the text
@@ -1788,8 +1806,8 @@ class FakeMoCHA(torch.nn.Module):
         self.eos_id = tokenizer.eos_token_id
         self.rows_answered = 0
 
-    def generate(self, input_ids, attention_mask, images, max_new_tokens, stats=None):
-        assert not self.training
+    def generate(self, input_ids, attention_mask, images, max_new_tokens, stats=None, expert_mask=None):
+        assert not self.training and expert_mask is None
         for mask in attention_mask:  # left padding: 0..0 1..1
             assert torch.equal(mask, torch.sort(mask).values) and mask[-1] == 1
         has_image = (input_ids == IMAGE_TOKEN_ID).sum(1)
@@ -1833,6 +1851,29 @@ def test_answer_questions_writes_llava_answers_in_question_order(tmp_path):
     assert answers[0] == dict(question_id='q0', prompt='Is it bright 0?', text='yes', answer_id=0,
                               model_id='fake', metadata={})
     assert model.training and os.listdir(tmp_path / 'out') == ['answers.jsonl']  # mode restored, shards merged
+
+def test_mova_answers_in_two_passes_routing_first(tokenizer_dir, tmp_path):
+    """route=True: a routing pass with no expert, its answer parsed into each image's experts (junk: all, flagged),
+    then the answer pass with them; text-only questions take one pass."""
+    make_questions(tmp_path, count=5)
+    torch.manual_seed(0)
+    model = MoCHA(tiny_config(tokenizer_dir, connector='mova', mova_pool=1, mova_blocks=1)).eval()
+    calls, generate = [], model.generate
+    model.generate = lambda *args, expert_mask=None, **kwargs: calls.append(expert_mask) or generate(
+        *args, expert_mask=expert_mask, **kwargs)
+    answers_file = tmp_path / 'answers.jsonl'
+    ev.answer_questions(model, model.tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images', str(answers_file),
+                        batch_size=5, max_new_tokens=2, route=True)
+    routing_pass, answer_pass = calls                                   # one batch: two generations
+    assert routing_pass.shape == (4, 3) and not routing_pass.any()       # 4 images, 3 experts, none in the first
+    answers = ev.read_jsonl(answers_file)
+    with_image = [a for a, q in zip(answers, ev.read_jsonl(tmp_path / 'questions.jsonl')) if q.get('image')]
+    assert all(set(a['metadata']) == {'experts', 'malformed'} for a in with_image)
+    from mova import parse_routing
+    expected = torch.stack([parse_routing(a['metadata']['experts'], 3)[0] for a in with_image])
+    assert torch.equal(answer_pass, expected)
+    assert answers[2]['metadata'] == {}                                 # q2 has no image
+
 
 def test_answer_questions_resumes_without_redoing_answers(tmp_path):
     questions, expected = make_questions(tmp_path)
@@ -2493,6 +2534,22 @@ def test_resumed_lora_run_gives_the_losses_of_an_uninterrupted_one_then_merges_a
     merged = load_file(tmp_path / 'full' / 'merged' / 'model.safetensors')
     assert 'llm.model.layers.0.self_attn.q_proj.weight' in merged and not any('lora_' in k for k in merged)
     assert json.loads((tmp_path / 'full' / 'eval' / 'results.json').read_text())['pope']['num_missing'] == 0
+
+
+def test_a_tiny_mova_run_trains_and_is_scored_with_its_routing_pass(small_shapes, tmp_path):
+    """config/mova_stage*.py's path on the shapes world: MoVA's adapter in place of the MoECs and HGA, trained, saved
+    and scored; then eval's two passes, the routing answers counted."""
+    state, losses = run_train(small_shapes, tmp_path / 'mova', '--stage=2', '--template=phi', '--connector=mova',
+                              '--mova_pool=1', f'--data_json={small_shapes}/instruct.json', '--eval_shapes_at_end=True',
+                              '--shapes_benchmarks=pope')
+    assert len(losses) == 3 and parts(state, 'mova.blocks.0.cross_attns.') and not parts(state, 'moecs.')
+    assert json.loads((tmp_path / 'mova' / 'eval' / 'results.json').read_text())['pope']['num_missing'] == 0
+    model = MoCHA.from_pretrained(str(tmp_path / 'mova' / 'ckpt')).eval()
+    routed = ev.evaluate_shapes(model, model.tokenizer, str(small_shapes), str(tmp_path / 'routed'), batch_size=8,
+                                max_new_tokens=3, benchmarks=['pope'], route=True)['pope']
+    questions = len(ev.read_jsonl(small_shapes / 'eval' / 'pope' / 'llava_pope_test.jsonl'))
+    assert routed['num_missing'] == 0 and routed['routing_malformed']['of'] == questions
+    assert 0 <= routed['routing_malformed']['count'] <= questions
 
 
 @pytest.fixture(scope='module')
