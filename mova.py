@@ -17,6 +17,10 @@ one base encoder's tokens (CLIP) as the queries and lets the other encoders, the
 
 Coarse routing, the LLM picking the experts that suit the question before it answers, is MoVA's other half. Here
 the adapter takes the choice as `expert_mask` ([B, E], True = use); with every expert on it is the `mova` model.
+The LLM learns to route from routing conversations, which this file writes from a trained MoVA checkpoint by the
+paper's rule, an expert is right for a sample when it lowers the loss of the sample's answer:
+
+    python mova.py --ckpt_dir=out/mova/ckpt --data_json=data/shapes/instruct.json --image_folder=data/shapes/images
 
 Where this file departs from the released adapter (each to keep it short; none measured against it):
 - the gate reads the mean of the LLM's own input embeddings over the prompt's tokens, not BERT-large's CLS of the
@@ -26,6 +30,7 @@ Where this file departs from the released adapter (each to keep it short; none m
 - average pooling of the grid instead of the two RegNet stages around the released pooling.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -158,3 +163,90 @@ def parse_routing(answer, num_experts):
     mask = torch.zeros(num_experts, dtype=torch.bool)
     mask[[LETTERS.index(l) for l in letters]] = True
     return mask, False
+
+
+# -----------------------------------------------------------------------------
+# Routing annotations (the paper's rule; the released repository has no code for it)
+
+
+@torch.no_grad()
+def answer_losses(model, batch, expert_mask):
+    """Each sample's mean loss over its learned (answer) tokens, [B], with these experts (expert_mask [n_img, E]).
+    The same loss as MoCHA.forward's, per sample."""
+    from mocha import IGNORE_INDEX
+    inputs_embeds, attention_mask, labels, _, _ = model.splice(batch['input_ids'], batch['attention_mask'],
+                                                               batch['labels'], batch['images'], expert_mask=expert_mask)
+    logits = model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits        # [B, L', V]
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,
+                             reduction='none')                                                 # [B, L' - 1]
+    return losses.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
+
+
+def routing_labels(model, batch, margin=0.0):
+    """[B, E] bool: expert e is right for sample b when the adapter with e alone gives b's answer a loss below the
+    base path's (no expert) by more than `margin` (a fraction of it). Every sample of the batch has an image."""
+    num_images, num_experts = len(batch['images']), len(model.mova.blocks[0].cross_attns)
+    if num_images != len(batch['input_ids']):
+        raise ValueError(f"routing_labels: {len(batch['input_ids'])} samples but {num_images} images")
+    none = answer_losses(model, batch, torch.zeros(num_images, num_experts, dtype=torch.bool))
+    alone = torch.stack([answer_losses(model, batch, F.one_hot(torch.full((num_images,), e), num_experts).bool())
+                         for e in range(num_experts)], dim=1)                                   # [B, E]
+    return alone < none[:, None] * (1 - margin)
+
+
+def routing_answer(mask):
+    """The letters of the chosen experts, or 'none': what parse_routing reads back."""
+    return ', '.join(LETTERS[e] for e in mask.nonzero().flatten().tolist()) or 'none'
+
+
+def write_routing_data(model, data_json, image_folder, out_json, batch_size=16, margin=0.0, max_samples=0):
+    """For each sample of data_json with an image: a routing conversation, the routing prompt over its first question
+    answered with the experts its labels pick. Writes data_json's samples and the routing ones, shuffled in, to
+    out_json (train.py's data_json for stage 2 with routing). Returns the label counts per expert and of 'none'."""
+    import json
+    import random
+    from collections import Counter
+    from data import LLaVADataset, collate
+    model.eval()
+    tokenizer, config = model.tokenizer, model.config
+    experts = [name for name in model.encoders.encoders if name != config.mova_base]
+    dataset = LLaVADataset(data_json, image_folder, tokenizer, config.template, config.image_size, 10 ** 6,
+                           model.num_visual_tokens)
+    with_image = [i for i, s in enumerate(dataset.samples) if s.get('image')][:max_samples or None]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    routed, counts = [], Counter()
+    for start in range(0, len(with_image), batch_size):
+        indices = with_image[start:start + batch_size]
+        batch = collate([dataset[i] for i in indices], pad_id, config.image_size)
+        for index, mask in zip(indices, routing_labels(model, batch, margin)):
+            sample = dataset.samples[index]
+            answer = routing_answer(mask)
+            counts.update(answer.split(', '))
+            question = sample['conversations'][0]['value'].replace('<image>', '').strip()
+            routed.append(dict(id=f"{sample['id']}-routing", image=sample['image'], conversations=[
+                {'from': 'human', 'value': '<image>\n' + routing_question(question, experts, config.mova_top_k)},
+                {'from': 'gpt', 'value': answer}]))
+    with open(data_json) as f:
+        samples = json.load(f) + routed
+    random.Random(0).shuffle(samples)
+    with open(out_json + '.tmp', 'w') as f:
+        json.dump(samples, f)
+    os.replace(out_json + '.tmp', out_json)
+    return counts
+
+
+if __name__ == '__main__':
+    ckpt_dir = 'out/mova/ckpt'          # a trained MoVA checkpoint (connector='mova'), every expert on
+    data_json = 'data/shapes/instruct.json'
+    image_folder = 'data/shapes/images'
+    out_json = ''                       # '' = data_json with '_routing' before '.json'
+    batch_size = 16
+    margin = 0.0                        # an expert must lower the answer's loss by this fraction of the base path's
+    max_samples = 0                     # 0 = every sample with an image
+    exec(open('configurator.py').read())
+    from mocha import MoCHA
+    out_json = out_json or data_json.removesuffix('.json') + '_routing.json'
+    counts = write_routing_data(MoCHA.from_pretrained(ckpt_dir), data_json, image_folder, out_json, batch_size,
+                                margin, max_samples)
+    print(f"wrote {out_json}: routing answers by expert letter and 'none': {dict(sorted(counts.items()))}")

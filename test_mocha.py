@@ -2552,6 +2552,41 @@ def test_a_tiny_mova_run_trains_and_is_scored_with_its_routing_pass(small_shapes
     assert 0 <= routed['routing_malformed']['count'] <= questions
 
 
+def test_routing_data_labels_each_sample_by_the_experts_that_lower_its_answer_loss(small_shapes, tmp_path):
+    """mova.py's writer: per-sample answer losses equal MoCHA.forward's, the labels are 'alone below none', and the
+    routing conversations (letters or none) join the instruct data in LLaVA's format."""
+    import mova
+    torch.manual_seed(0)
+    model = MoCHA(tiny_config(f'{small_shapes}/tokenizer', connector='mova', mova_pool=1, mova_blocks=1,
+                              template='phi')).eval()
+    trained_looking(model.mova)
+    dataset = data.LLaVADataset(f'{small_shapes}/instruct.json', f'{small_shapes}/images', model.tokenizer, 'phi', 64,
+                                512, model.num_visual_tokens)
+    batch = data.collate([dataset[i] for i in range(3)], model.tokenizer.eos_token_id, 64)
+    everything = torch.ones(3, 3, dtype=torch.bool)
+    with torch.no_grad():
+        per_sample = mova.answer_losses(model, batch, everything)
+        for i in range(3):
+            alone = {k: v[i:i + 1] for k, v in batch.items() if k in ('input_ids', 'attention_mask', 'labels', 'images')}
+            torch.testing.assert_close(per_sample[i], model(**alone)['lm_loss'])
+        none = mova.answer_losses(model, batch, torch.zeros(3, 3, dtype=torch.bool))
+        one = mova.answer_losses(model, batch, torch.tensor([[True, False, False]] * 3))
+    assert torch.equal(mova.routing_labels(model, batch)[:, 0], one < none)
+    counts = mova.write_routing_data(model, f'{small_shapes}/instruct.json', f'{small_shapes}/images',
+                                     str(tmp_path / 'routing.json'), batch_size=4, max_samples=6)
+    written = json.loads((tmp_path / 'routing.json').read_text())
+    routing = [s for s in written if s['id'].endswith('-routing')]
+    assert len(written) == len(json.loads((small_shapes / 'instruct.json').read_text())) + 6 == len(routing) + len(dataset)
+    assert sum(counts.values()) >= 6
+    for sample in routing:
+        human, answer = sample['conversations']
+        assert human['value'].startswith('<image>\nYou are a helpful assistant router.')
+        assert not mova.parse_routing(answer['value'], 3)[1]                     # letters or none, never junk
+    routed = data.LLaVADataset(str(tmp_path / 'routing.json'), f'{small_shapes}/images', model.tokenizer, 'phi', 64,
+                               2048, model.num_visual_tokens)
+    assert len(routed) == len(written) and not routed.skipped
+
+
 @pytest.fixture(scope='module')
 def one_process_stage2(small_shapes, tmp_path_factory):
     """(weights, losses) of a 3-step stage-2 run of the shapes world on one process, batch 4, encoders frozen:
