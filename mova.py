@@ -20,7 +20,8 @@ the adapter takes the choice as `expert_mask` ([B, E], True = use); with every e
 The LLM learns to route from routing conversations, which this file writes from a trained MoVA checkpoint by the
 paper's rule, an expert is right for a sample when it lowers the loss of the sample's answer:
 
-    python mova.py --ckpt_dir=out/mova/ckpt --data_json=data/shapes/instruct.json --image_folder=data/shapes/images
+    python mova.py --ckpt_dir=out/mova-phi2-stage2/ckpt --data_json=playground/data/llava_v1_5_mix665k.json \
+        --image_folder=playground/data
 
 Where this file departs from the released adapter (each to keep it short; none measured against it):
 - the gate reads the mean of the LLM's own input embeddings over the prompt's tokens, not BERT-large's CLS of the
@@ -237,9 +238,9 @@ def write_routing_data(model, data_json, image_folder, out_json, batch_size=16, 
 
 
 if __name__ == '__main__':
-    ckpt_dir = 'out/mova/ckpt'          # a trained MoVA checkpoint (connector='mova'), every expert on
-    data_json = 'data/shapes/instruct.json'
-    image_folder = 'data/shapes/images'
+    ckpt_dir = 'out/mova-phi2-stage2/ckpt'  # a trained MoVA checkpoint (connector='mova'), every expert on
+    data_json = 'playground/data/llava_v1_5_mix665k.json'
+    image_folder = 'playground/data'
     out_json = ''                       # '' = data_json with '_routing' before '.json'
     batch_size = 16
     margin = 0.0                        # an expert must lower the answer's loss by this fraction of the base path's

@@ -8,6 +8,7 @@ and held-out POPE, GQA and MME files in the real benchmarks' formats. This is na
 data/<name>/prepare.py role; data.py holds the real LLaVA pipeline that reads what this writes.
 """
 import json
+import math
 import os
 import random
 from collections import Counter
@@ -78,17 +79,21 @@ def draw_scene(scene, image_px, background, supersample=4):
     canvas = Image.new('RGB', (image_px * supersample,) * 2, (background,) * 3)
     draw = ImageDraw.Draw(canvas)
     for obj in scene:
-        x, y, r = obj['x'] * supersample, obj['y'] * supersample, obj['radius'] * supersample
-        fill = COLORS[obj['color']]
-        if obj['shape'] == 'circle':
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-        elif obj['shape'] == 'square':
-            draw.rectangle([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=fill)
-        elif obj['shape'] == 'triangle':
-            draw.polygon([(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)], fill=fill)
-        else:  # diamond
-            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+        draw_shape(draw, obj['shape'], obj['x'] * supersample, obj['y'] * supersample,
+                   obj['radius'] * supersample, COLORS[obj['color']])
     return canvas.resize((image_px, image_px), Image.LANCZOS)
+
+
+def draw_shape(draw, shape, x, y, r, fill):
+    """One shape of radius r centred at (x, y), in canvas pixels."""
+    if shape == 'circle':
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == 'square':
+        draw.rectangle([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=fill)
+    elif shape == 'triangle':
+        draw.polygon([(x, y - r), (x + r, y + 0.8 * r), (x - r, y + 0.8 * r)], fill=fill)
+    else:  # diamond
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
 
 
 def position(obj):
@@ -609,6 +614,76 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
                    mme=len(mme), vocab=len(tokenizer))
     print(f"wrote {out_dir}: " + ', '.join(f'{k} {v}' for k, v in summary.items()))
     return summary
+
+
+# -----------------------------------------------------------------------------
+# The lab world (opt-in; prepare_shapes and the grid world above do not use it): scenes whose factors need
+# different towers. Anywhere in the image, up to 8 objects, some overlapping, each with a small dark glyph that
+# is legible at 128 px and a blur at the ViTs' 48 px. towers.py pretrains and probes the tiny towers on it.
+
+GLYPHS = ('dot', 'bar', 'cross', 'stripes')
+LAB_MAX_OBJECTS = 8
+GLYPH_INK = (20, 20, 20)
+
+
+def sample_lab_scene(rng, image_px, max_objects=LAB_MAX_OBJECTS):
+    """1-max_objects objects of any colour, shape, size and glyph (repeats allowed), centred anywhere in the
+    image; two centres stay at least 0.75 (r1 + r2) apart, so objects overlap a little but none hides another.
+    An object that finds no room in 100 tries is left out (len(scene) is the count). Row/col: the 3x3 cell
+    holding the centre, the grid world's position words."""
+    scene = []
+    for _ in range(rng.randint(1, max_objects)):
+        size = rng.choice(SIZES)
+        radius = image_px * (0.075 if size == 'small' else 0.105) * rng.uniform(0.9, 1.1)
+        for _ in range(100):
+            x, y = rng.uniform(radius, image_px - radius), rng.uniform(radius, image_px - radius)
+            if all(math.hypot(x - o['x'], y - o['y']) >= 0.75 * (radius + o['radius']) for o in scene):
+                break
+        else:
+            continue
+        scene.append(dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES), size=size,
+                          glyph=rng.choice(GLYPHS), radius=radius, x=x, y=y,
+                          row=min(int(3 * y / image_px), 2), col=min(int(3 * x / image_px), 2)))
+    return scene
+
+
+def draw_glyph(draw, glyph, x, y, r):
+    """A dark mark inside an object of radius r, 0.45-0.7 r across. Each glyph covers about 0.15 r^2 of ink, so
+    that a blurred glyph tells little by its darkness, only by its layout (strokes and gaps of 0.1-0.2 r: 1-2.5 px at
+    128 px, under one pixel at 48)."""
+    def box(cx, cy, half_w, half_h):
+        draw.rectangle([cx - half_w, cy - half_h, cx + half_w, cy + half_h], fill=GLYPH_INK)
+    if glyph == 'dot':
+        draw.ellipse([x - 0.22 * r, y - 0.22 * r, x + 0.22 * r, y + 0.22 * r], fill=GLYPH_INK)
+    elif glyph == 'bar':
+        box(x, y, 0.35 * r, 0.1 * r)
+    elif glyph == 'cross':
+        box(x, y, 0.3 * r, 0.07 * r)
+        box(x, y, 0.07 * r, 0.3 * r)
+    else:  # stripes: three thin vertical lines
+        for dx in (-0.2 * r, 0, 0.2 * r):
+            box(x + dx, y, 0.04 * r, 0.3 * r)
+
+
+def draw_lab_scene(scene, image_px, background, supersample=4):
+    """The lab scene as a PIL image: draw_scene's shapes, in list order (later ones on top), each with its glyph
+    (centred on a triangle's inner part, 0.2 r below its centre)."""
+    canvas = Image.new('RGB', (image_px * supersample,) * 2, (background,) * 3)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene:
+        x, y, r = obj['x'] * supersample, obj['y'] * supersample, obj['radius'] * supersample
+        draw_shape(draw, obj['shape'], x, y, r, COLORS[obj['color']])
+        draw_glyph(draw, obj['glyph'], x, y + (0.2 * r if obj['shape'] == 'triangle' else 0), r)
+    return canvas.resize((image_px, image_px), Image.LANCZOS)
+
+
+def lab_caption(scene):
+    """'a large red circle with a dot at the top left and a small blue square with stripes in the center',
+    objects in reading order of their cells (then left to right)"""
+    article = {'stripes': ''}
+    phrases = [f"a {o['size']} {o['color']} {o['shape']} with {article.get(o['glyph'], 'a ')}{o['glyph']} {place(o)}"
+               for o in sorted(scene, key=lambda o: (o['row'], o['col'], o['x']))]
+    return ' and '.join(phrases)
 
 
 if __name__ == '__main__':

@@ -2132,7 +2132,7 @@ def test_an_invalid_option_stops_every_process_with_a_clear_error(small_shapes, 
     assert result.stderr.count("parallel must be one of ('ddp', 'fsdp'), got 'dpp'") >= 2  # both ranks
 
 
-ENTRY_POINTS = ('train.py', 'eval.py', 'bench.py', 'shapes.py', 'ablate.py', 'plot.py')
+ENTRY_POINTS = ('train.py', 'eval.py', 'bench.py', 'shapes.py', 'ablate.py', 'plot.py', 'mova.py')
 
 
 def config_names(script):
