@@ -2,13 +2,16 @@
 The paper's ablations on the shapes world: each variant (a list of train.py overrides on top of
 config/shapes.py) at each seed is one real `python train.py` run that ends with eval.py's shapes
 benchmarks; the runs are gathered into one table of mean +- std over seeds (out_dir/ablation.json,
-out_dir/ablation.md).
+out_dir/ablation.md), and each variant is set against 'full' seed by seed: the paired difference on the headline
+metrics with its 95 % interval, a verdict against the paper's direction, and the smallest difference the seeds
+can detect (out_dir/paired.json, and in ablation.md).
 
 References: the paper's ablations of MoCHA-Phi2, arXiv 2507.22805: the encoders and the connector in
 Table 3 (MLP), Table 4 (upcycled MoEC) and Table 5 (MoEC + HGA), top-k in Table 6, channel against
 sequence fusion in Figure 5. docs/ablations.md sets the miniature's table beside them.
 
-    python ablate.py                                        # every variant, seeds 0,1,2, one run per core
+    python ablate.py                                        # every variant, seeds 0-4, one run per core
+    python ablate.py --quick=True                           # full, mlp, hga_off, siglip
     python ablate.py --variants=mlp,full --seeds=0,1 --jobs=2
     python ablate.py --variants=full --seeds=0,1 --max_steps=50   # any other --key=value goes to train.py
 
@@ -23,6 +26,7 @@ its folder to redo it. The seed is train.py's `seed` (model init and data order,
 world itself stays the one of shapes.py's fixed seed, so the spread over seeds is training noise on one world.
 """
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -39,6 +43,7 @@ VARIANTS = {
     # E = 8 (not in the paper)
     'mlp': ['--num_experts=1', '--top_k=1'],
     'moec_e2k1': ['--num_experts=2', '--top_k=1'],
+    'moec_k1': ['--top_k=1'],
     'moec_e8k2': ['--num_experts=8', '--top_k=2'],
     # HGA (Table 5 against Table 4: MoEC + HGA against MoEC alone): off is the identity; one kind of edge only,
     # by setting the other k to 0 (not in the paper)
@@ -59,6 +64,20 @@ VARIANTS = {
     # expert on; not a paper ablation but the other design on the same encoders, LM, data and budget
     'mova': ['--connector=mova', '--mova_pool=1'],
 }
+# The paper's difference (variant - full, points) on GQA and POPE for the rows it has, from MoCHA-Phi2's tables
+# (docs/ablations.md sets them side by side): the direction a paired difference is judged against; 'lower': the
+# direction alone (Figure 5 has no numbers).
+PAPER = {
+    'mlp': dict(gqa=61.86 - 65.24, pope_mean=88.47 - 89.95),      # Table 3 (MLP) vs Table 5 (MoEC + HGA), all four
+    'hga_off': dict(gqa=63.35 - 65.24, pope_mean=89.01 - 89.95),  # Table 4 (MoEC) vs Table 5
+    'moec_k1': dict(gqa=59.86 - 65.24, pope_mean=85.93 - 89.95),  # Table 6, top-1 vs top-2 at E = 4
+    'siglip': dict(gqa=56.11 - 65.24, pope_mean=82.27 - 89.95),   # Table 5, SigLIP alone vs all four
+    'siglip_convnext': dict(gqa=57.02 - 65.24, pope_mean=87.84 - 89.95),
+    'siglip_clip_convnext': dict(gqa=60.34 - 65.24, pope_mean=88.07 - 89.95),
+    'channel': dict(gqa='lower', pope_mean='lower'),               # Figure 5: sequence better everywhere
+}
+HEADLINE = ('pope_mean', 'gqa')  # the metrics the paired table judges
+QUICK = ('full', 'mlp', 'hga_off', 'siglip')  # --quick: the positive control and the paper's two connector claims
 # the table's columns: name -> where in a run's eval/results.json (None: computed in run_metrics)
 METRICS = {
     'pope_random': ('pope', 'random', 'accuracy'),
@@ -85,7 +104,8 @@ lm_config = ''                     # '' = config's llm (the shipped text-pretrai
 lm_args = ''                       # extra train.py --key=value for that LM stage, space-separated
 out_dir = 'out/ablate'
 variants = ','.join(VARIANTS)
-seeds = '0,1,2'
+seeds = '0,1,2,3,4'
+quick = False                      # True: only QUICK's variants (--variants is then ignored)
 jobs = os.cpu_count() or 1  # runs at once, each with cpu_count // jobs threads (one thread per run is
                              # fastest on a busy machine: 2 threads on 2 shared cores ran 5x slower)
 shapes_dir = 'data/shapes'  # written first when missing, so that parallel runs do not race to write it
@@ -183,6 +203,66 @@ def ablation_table(runs, extra):
     return table
 
 
+def paired(table):
+    """Each variant against 'full' on the seeds both ran: per headline metric the mean paired difference (variant -
+    full) with its 95 % interval (t, n - 1), and a verdict against the paper's direction. Pairing by seed takes out
+    what a seed does to every variant alike (the same data order and initial weights). Also, per metric, the minimum
+    detectable paired difference: (t_0.975 + t_0.80) s / sqrt(n), s the paired differences' standard deviation pooled
+    over the variants: a true difference this large is found 80 % of the time at the 5 % level."""
+    from scipy import stats
+    rows, variances = {}, {name: [] for name in HEADLINE}
+    full = table.get('full')
+    for variant, row in table.items():
+        if variant in ('full', 'lm') or full is None:
+            continue
+        rows[variant] = {}
+        for name in HEADLINE:
+            seeds_both = [s for s in row['per_seed'] if s in full['per_seed']
+                          and None not in (row['per_seed'][s][name], full['per_seed'][s][name])]
+            diffs = [row['per_seed'][s][name] - full['per_seed'][s][name] for s in seeds_both]
+            if len(diffs) < 2:
+                rows[variant][name] = dict(n=len(diffs), mean=statistics.mean(diffs) if diffs else None, low=None,
+                                           high=None, verdict='too few seeds')
+                continue
+            n, mean, sd = len(diffs), statistics.mean(diffs), statistics.stdev(diffs)
+            half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+            variances[name].append((sd ** 2, n))
+            detected = 0 if abs(mean) <= half else (1 if mean > 0 else -1)
+            paper = PAPER.get(variant, {}).get(name)
+            if not detected:
+                verdict = 'not detected'
+            elif paper is None:
+                verdict = 'higher' if detected > 0 else 'lower'
+            else:
+                paper_sign = -1 if paper == 'lower' else math.copysign(1, paper)
+                verdict = "paper's direction" if detected == paper_sign else 'opposite'
+            rows[variant][name] = dict(n=n, mean=mean, low=mean - half, high=mean + half, paper=paper, verdict=verdict)
+    detectable = {}
+    for name, pairs in variances.items():
+        if pairs:
+            n = min(count for _, count in pairs)
+            s = math.sqrt(statistics.mean(v for v, _ in pairs))
+            detectable[name] = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * s / math.sqrt(n)
+    return rows, detectable
+
+
+def paired_markdown(rows, detectable):
+    lines = ['| variant − full | ' + ' | '.join(f'{name}: difference [95 % CI] | paper | verdict' for name in HEADLINE)
+             + ' |', '|---|' + '---|---|---|' * len(HEADLINE)]
+    for variant, by_metric in rows.items():
+        cells = []
+        for name in HEADLINE:
+            d = by_metric[name]
+            interval = '–' if d['low'] is None else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] (n={d['n']})"
+            paper = d.get('paper')
+            cells += [interval, '–' if paper is None else paper if isinstance(paper, str) else f'{paper:+.2f}', d['verdict']]
+        lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
+    lines.append('Minimum detectable paired difference (80 % power, 5 % level): ' +
+                 ', '.join(f'{name} {value:.2f}' for name, value in detectable.items()))
+    return '\n'.join(lines) + '\n'
+
+
 def markdown(table):
     def cell(mean, std):
         return '–' if mean is None else f'{mean:.1f}' + ('' if std is None else f' ± {std:.1f}')
@@ -198,11 +278,11 @@ if __name__ == '__main__':
     for arg in sys.argv[1:]:  # ablate.py's own keys; the rest goes to train.py unchanged
         key, _, value = arg.removeprefix('--').partition('=')
         if arg.startswith('--') and key in ('config', 'lm_config', 'lm_args', 'out_dir', 'variants', 'seeds', 'jobs',
-                                            'shapes_dir'):
-            globals()[key] = int(value) if key == 'jobs' else value
+                                            'shapes_dir', 'quick'):
+            globals()[key] = int(value) if key == 'jobs' else value == 'True' if key == 'quick' else value
         else:
             extra.append(arg)
-    chosen = [v for v in variants.split(',') if v]
+    chosen = list(QUICK) if quick else [v for v in variants.split(',') if v]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; declared: {', '.join(VARIANTS)}")
@@ -240,5 +320,12 @@ if __name__ == '__main__':
     with open(os.path.join(out_dir, 'ablation.md'), 'w') as f:
         f.write(f"`python ablate.py {' '.join(sys.argv[1:])}`, seeds {seeds}; mean ± std (n - 1) over seeds\n\n")
         f.write(markdown(table))
+        rows, detectable = paired(table)
+        if rows:
+            f.write('\nPaired against `full` by seed:\n\n' + paired_markdown(rows, detectable))
     print(markdown(table))
+    if rows:
+        print(paired_markdown(rows, detectable))
+    with open(os.path.join(out_dir, 'paired.json'), 'w') as f:
+        json.dump(dict(rows=rows, minimum_detectable=detectable), f, indent=2)
     print(f"wrote {out_dir}/ablation.json and ablation.md")

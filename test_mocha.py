@@ -2626,6 +2626,24 @@ def test_fsdp_stage2_gives_the_losses_of_one_process(small_shapes, tmp_path, one
     assert one[1:] == pytest.approx(sharded[1:], rel=1e-3)
 
 
+def test_ablate_pairs_each_variant_with_full_by_seed_and_judges_it_against_the_paper():
+    """Hand-computed: differences (variant - full) of 1, 2, 3 points have mean 2, sd 1, and a 95 % interval of
+    2 +- t(0.975, 2) / sqrt(3) = 2 +- 2.484, which holds 0; -3, -2, -4 give -3 +- 2.484, the paper's direction for
+    SigLIP alone. Minimum detectable: (t(0.975, 2) + t(0.80, 2)) * 1 / sqrt(3) = (4.303 + 1.061) / 1.732."""
+    import ablate
+    def run(pope, gqa):
+        return {name: None for name in ablate.METRICS} | dict(pope_mean=pope, gqa=gqa)
+    full = {0: run(90, 70), 1: run(91, 71), 2: run(92, 72)}
+    runs = {'full': full, 'mlp': {s: run(m['pope_mean'] + d, m['gqa'] + d) for (s, m), d in zip(full.items(), (1, 2, 3))},
+            'siglip': {s: run(m['pope_mean'] + d, m['gqa']) for (s, m), d in zip(full.items(), (-3, -2, -4))}}
+    rows, detectable = ablate.paired(ablate.ablation_table(runs, []))
+    mlp, siglip = rows['mlp']['pope_mean'], rows['siglip']['pope_mean']
+    assert mlp['mean'] == 2 and mlp['low'] == pytest.approx(2 - 2.4841, abs=1e-3) and mlp['verdict'] == 'not detected'
+    assert siglip['high'] == pytest.approx(-3 + 2.4841, abs=1e-3) and siglip['verdict'] == "paper's direction"
+    assert rows['siglip']['gqa']['verdict'] == 'not detected'                # no difference at all: sd 0, mean 0
+    assert detectable['pope_mean'] == pytest.approx((4.3027 + 1.0607) / math.sqrt(3), abs=1e-3)
+
+
 def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
     """ablate.py --lm_config=config/shapes_lm.py: each seed's LM stage on text, then 'mlp' x seeds 0 and 1, 2 steps
     each, two processes at once, then 'upcycled' from each seed's MLP (about a minute on 2 busy cores). The seed is
