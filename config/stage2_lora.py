@@ -5,6 +5,8 @@
 # The adapters go on every linear layer of Phi-2 but its head (peft); the MoECs train in full. A checkpoint holds
 # the MoECs and the adapters alone; at the end out_dir/merged holds the merged model, which eval.py loads like any
 # other (eval.py also loads the unmerged checkpoint).
+# Memory per GPU, traced by `python bench.py --table=memory` (8 GPUs; docs/benchmarks.md): FSDP (stage 2's default)
+# peaks at 15.2 GiB, so 8x24 GB cards take it as it is; DDP at 31.6 GiB fits 8x48 and 8x80 GB.
 exec(open('config/stage2.py').read())
 out_dir = 'out/mocha-phi2-stage2-lora'
 lora_rank = 128
