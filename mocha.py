@@ -215,7 +215,12 @@ class Encoder(nn.Module):
         self.register_buffer('std', torch.tensor(spec['std']).view(1, 3, 1, 1), persistent=False)
         self.is_convnet = spec['library'] == 'open_clip'  # a feature map, not a ViT's token sequence
         if self.is_convnet:
-            self.channel_pool = spec['tiny_channel_pool'] if source == 'tiny' else spec['channel_pool']
+            # by the trunk's width, not the source: a tiny tower loaded from a folder pools as a random tiny one
+            pools = {3072: spec['channel_pool'], 320: spec['tiny_channel_pool']}
+            if self.backbone.num_features not in pools:
+                raise ValueError(f"{name}: a trunk of {self.backbone.num_features} channels; the channel pooling is "
+                                 f"known for {sorted(pools)} (convnext_xxlarge, convnext_atto)")
+            self.channel_pool = pools[self.backbone.num_features]
             self.num_tokens = (resolution // spec['stride']) ** 2
             self.dim = self.backbone.num_features // self.channel_pool
         else:

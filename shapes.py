@@ -619,7 +619,9 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
 # -----------------------------------------------------------------------------
 # The lab world (opt-in; prepare_shapes and the grid world above do not use it): scenes whose factors need
 # different towers. Anywhere in the image, up to 8 objects, some overlapping, each with a small dark glyph that
-# is legible at 128 px and a blur at the ViTs' 48 px. towers.py pretrains and probes the tiny towers on it.
+# is sharp at 128 px and blurred at the ViTs' 48 px (blurred, not gone: a logistic regression on 12 x 12 grey
+# pixels centred on each object reads the glyph 97 % of the time at 48 px, 100 % at 96). towers.py pretrains and
+# probes the tiny towers on it.
 
 GLYPHS = ('dot', 'bar', 'cross', 'stripes')
 LAB_MAX_OBJECTS = 8

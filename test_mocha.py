@@ -39,6 +39,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 import data
 import eval as ev
 import shapes
+import towers
 from data import SYSTEM
 from mocha import (ENCODER_ORDER, ENCODER_SPECS, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, TINY_LLM, Encoders, MoCHA,
                    MoCHAConfig, MoEC, build_backbone, build_llm)
@@ -2711,3 +2712,118 @@ def test_loader_table_times_one_worker_against_what_each_gpu_needs():
     assert float(worker[-2]) > 0 and float(worker[-1]) > 0
     stage2 = next(line for line in lines if line.startswith('stage2 ')).split()
     assert int(stage2[4]) >= 1 and stage2[-1].isdigit()  # workers per GPU, and the config's num_workers
+
+# -----------------------------------------------------------------------------
+# The lab world's scenes (shapes.py) and its pretrained towers (towers.py)
+
+TOWER_RESOLUTION = dict(siglip=48, convnext=64, clip=48, dinov2=48)  # ConvNeXt at 64 px: 2 x 2 tokens, cheap
+TOWER_STEPS = 6
+
+
+def test_lab_scenes_are_seeded_spaced_and_count_up_to_eight():
+    scenes = [shapes.sample_lab_scene(random.Random(seed), 128) for seed in range(200)]
+    assert scenes == [shapes.sample_lab_scene(random.Random(seed), 128) for seed in range(200)]
+    assert {len(s) for s in scenes} == set(range(1, shapes.LAB_MAX_OBJECTS + 1))
+    for scene in scenes:
+        for i, a in enumerate(scene):
+            assert a['radius'] <= a['x'] <= 128 - a['radius'] and a['radius'] <= a['y'] <= 128 - a['radius']
+            assert a['glyph'] in shapes.GLYPHS and (a['row'], a['col']) == (int(3 * a['y'] / 128), int(3 * a['x'] / 128))
+            for b in scene[i + 1:]:  # overlap allowed, but never more than a quarter of the two radii
+                assert math.hypot(a['x'] - b['x'], a['y'] - b['y']) >= 0.75 * (a['radius'] + b['radius'])
+
+
+def test_lab_glyphs_are_drawn_dark_inside_their_object():
+    obj = dict(color='yellow', shape='square', size='large', glyph='dot', radius=13, x=64, y=64, row=1, col=1)
+    for glyph in shapes.GLYPHS:
+        pixels = shapes.draw_lab_scene([dict(obj, glyph=glyph)], 128, background=40).load()
+        assert sum(pixels[64, 64]) < 250  # every glyph darkens the centre (stripes: the middle line, 1 px)
+        corner = pixels[64 + 7, 64 + 7]  # inside the square, off the glyph: the object's colour (LANCZOS rings a little)
+        assert all(abs(a - b) <= 25 for a, b in zip(corner, shapes.COLORS['yellow']))
+    dot, bar = (shapes.draw_lab_scene([dict(obj, glyph=g)], 128, background=40) for g in ('dot', 'bar'))
+    assert dot.tobytes() != bar.tobytes()
+
+
+def test_captions_tokenize_within_the_context():
+    vocab = towers.caption_vocab()
+    scene = shapes.sample_lab_scene(random.Random(3), 128)
+    tokens = towers.tokenize([towers.tower_caption(scene)], vocab)
+    words = [vocab[i] for i in tokens[0] if i > 0]
+    assert words[-1] == '<eos>' and ' '.join(words[:-1]) == towers.tower_caption(scene)
+    longest = [dict(size='small', color='red', shape='circle', glyph='dot', row=2, col=0, x=0)] * shapes.LAB_MAX_OBJECTS
+    assert towers.tokenize([towers.tower_caption(longest)], vocab).count_nonzero() == towers.CONTEXT_LENGTH
+
+
+@pytest.fixture(scope='module')
+def pretrained_towers(tmp_path_factory):
+    """Each tower pretrained TOWER_STEPS steps on 16 lab scenes (batch 8) and saved: {name: (losses, folder)}."""
+    torch.manual_seed(0)
+    images, scenes = towers.render_lab(0, 16, 64)
+    vocab = towers.caption_vocab()
+    tokens = towers.tokenize([towers.tower_caption(s) for s in scenes], vocab)
+    out = tmp_path_factory.mktemp('towers')
+    result = {}
+    for name in ENCODER_ORDER:
+        folder = str(out / name)
+        _, losses, _ = towers.pretrain_tower(name, images, tokens, len(vocab), TOWER_RESOLUTION[name], TOWER_STEPS, 8, 2e-3,
+                                             seed=0, folder=folder)
+        result[name] = losses, folder
+    return result
+
+
+@pytest.mark.parametrize('name', ENCODER_ORDER)
+def test_each_towers_objective_lowers_its_loss(pretrained_towers, name):
+    losses, _ = pretrained_towers[name]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) / 2 < losses[0], f"{name}: {losses}"
+
+
+def test_losses_match_their_equations():
+    torch.manual_seed(0)
+    u, v = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1), torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    t, b = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    logits = 10 * u @ v.T
+    infonce = sum(-logits.log_softmax(1)[i, i] - logits.log_softmax(0)[i, i] for i in range(5)) / 10
+    assert torch.allclose(towers.clip_loss(u, v, t), infonce)
+    sigmoid = -sum(torch.nn.functional.logsigmoid((1 if i == j else -1) * (logits[i, j] + b))
+                   for i in range(5) for j in range(5)) / 5
+    assert torch.allclose(towers.siglip_loss(u, v, t, b), sigmoid)
+    student, p_t = torch.randn(3, 4, 6), torch.randn(2, 4, 6).softmax(-1)
+    logp_s = (student / 0.1).log_softmax(-1)
+    pairs = [-(p_t[i] * logp_s[j]).sum(-1).mean() for i in range(2) for j in range(3) if i != j]
+    assert torch.allclose(towers.dino_loss(student, p_t), sum(pairs) / len(pairs))
+
+
+def test_sinkhorn_knopp_balances_the_teachers_targets():
+    torch.manual_seed(0)
+    logits = torch.randn(32, 8) * 0.1 + torch.randn(8)  # every sample prefers the same few prototypes
+    targets = towers.sinkhorn_knopp(logits, iterations=50)
+    assert torch.allclose(targets.sum(1), torch.ones(32), atol=1e-4)       # each target a distribution
+    assert torch.allclose(targets.mean(0), torch.full((8,), 1 / 8), atol=1e-4)  # each prototype 1/K of the batch
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # each point's nearest neighbour is sqrt(2) away
+    assert torch.allclose(towers.koleo_loss(x), -torch.tensor(2.0).sqrt().log())
+
+
+def test_saved_towers_load_through_encoders_as_checkpoints(pretrained_towers):
+    paths = {name: folder for name, (_, folder) in pretrained_towers.items()}
+    encoders = Encoders(list(paths), 'pretrained', TOWER_RESOLUTION, paths=paths)
+    images = towers.render_lab(1, 2, 64)[0]
+    tokens = encoders(images)
+    expected_tokens = dict(siglip=9, convnext=4, clip=9, dinov2=9)
+    for name, t in zip(encoders.encoders, tokens):
+        assert t.shape == (2, expected_tokens[name], encoders.encoders[name].dim) and torch.isfinite(t).all()
+    # the loaded weights are the trained ones, not a fresh init: two differently seeded random towers differ, these match
+    again = Encoders(list(paths), 'pretrained', TOWER_RESOLUTION, paths=paths)
+    for a, b in zip(tokens, again(images)):
+        assert torch.equal(a, b)
+    torch.manual_seed(1)
+    random_tokens = Encoders(list(paths), 'tiny', TOWER_RESOLUTION)(images)
+    assert not torch.allclose(tokens[2], random_tokens[2])
+
+
+def test_probe_matrix_runs_on_a_tiny_set(pretrained_towers, capsys):
+    paths = {name: folder for name, (_, folder) in pretrained_towers.items()}
+    rows = towers.probe_matrix(paths, TOWER_RESOLUTION, num_scenes=40, image_px=64, seed=0)
+    assert list(rows) == list(ENCODER_ORDER) + [f'{n} (random)' for n in ENCODER_ORDER] + ['chance']
+    assert all(set(r) == set(towers.FACTORS) and all(0 <= a <= 100 for a in r.values()) for r in rows.values())
+    towers.print_matrix(rows)
+    assert 'block structure' in capsys.readouterr().out

@@ -1,0 +1,536 @@
+"""
+The lab's tiny towers, each pretrained with its own family's objective, and the probe matrix that tells them apart.
+
+The paper's four encoders differ because their objectives do: CLIP and SigLIP match images to captions (softmax
+and sigmoid losses), DINOv2 matches augmented views of an image to each other (self-distillation, no text), and
+the ConvNeXt is an open_clip CLIP model trained at a higher resolution. Random tiny towers carry the same
+information as one another; these carry what their objective asked for. All train on the lab world
+(shapes.sample_lab_scene: up to 8 objects anywhere, each with a glyph sharp at 128 px, blurred at 48).
+
+    python towers.py                       # pretrain all four into weights/towers/<name>/
+    python towers.py --tower=clip          # one of them
+    python towers.py --probe=True          # held-out linear-probe accuracy, pretrained and random towers
+
+Measured on 2 cores shared with another job's tests (load 2-5), 2026-12-04 (not shipped yet: they do not pass the
+probe matrix's test of block structure in spirit; docs/log.md): 14 s to render the scenes, then
+siglip 334 s, convnext 234 s, clip 26 s, dinov2 46 s (pretrain.json in each folder); the spread is mostly the other
+load (a ViT step took 0.05 s on quiet cores, 0.8 s on busy ones). The probe matrix: 40-100 s.
+
+Each folder loads as a real checkpoint does: mocha.Encoders(names, 'pretrained', paths={name: folder}) (HF
+save_pretrained folders of the vision model for siglip, clip, dinov2; an open_clip 'local-dir:' folder, the whole
+CLIP model, for convnext). Only the vision towers are kept: text towers, projections and heads are dropped.
+"""
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import shapes
+from mocha import CLIP_MEAN, CLIP_STD, ENCODER_ORDER, ENCODER_SPECS, Encoders, build_backbone
+
+# -----------------------------------------------------------------------------
+# default config (python towers.py --key=value overrides)
+tower = 'all'                  # 'all' or one of siglip, convnext, clip, dinov2
+probe = False                  # True: print the probe matrix instead of pretraining
+out_dir = 'weights/towers'
+seed = 0
+image_px = 128                 # the lab world's renders; the ViTs see them at 48 px, ConvNeXt at 96
+encoder_resolution = (48, 96, 48, 48)  # siglip, convnext, clip, dinov2: ConvNeXt's 96 px shows the glyphs the ViTs'
+                               # 48 px blur, on the same 3 x 3 token grid (stride 32)
+num_scenes = 4000              # pretraining scenes, rendered once and shared by all towers
+tower_steps = (600, 300, 600, 600)      # optimizer steps, in ENCODER_ORDER: a ConvNeXt step at 96 px costs ~6x a ViT's.
+                               # Fragile: 900 ConvNeXt steps (lr 1e-3 or 2e-3) collapsed to loss log B near step 250;
+                               # the 300-step run of 2026-12-04 did not (3.86 -> 2.37). No clipping or larger batch tried yet.
+tower_batch_size = (64, 32, 64, 64)
+learning_rate = 1e-3           # at 2e-3 the CLIP ViT's loss stayed at log B (collapsed); at 1e-3 it falls 4.24 -> 0.62
+weight_decay = 0.05
+embed_dim = 64                 # the contrastive towers' joint image-text space (the ConvNeXt: open_clip's tiny 32)
+dino_prototypes = 256          # K, the DINO head's output dimension
+num_probe_scenes = 2000        # probe set: 3/4 train, 1/4 held out, its own scenes
+threads = 0                    # torch threads; 0 = torch's default
+
+CONTEXT_LENGTH = 56            # 8 objects x 6 words (size colour shape glyph, 1-2 position words) + 7 commas + <eos>
+
+# -----------------------------------------------------------------------------
+# data: lab scenes as one uint8 tensor, their captions as word ids
+
+
+def render_lab(seed, count, image_px):
+    """count lab scenes, deterministic by seed: images uint8 [count, 3, S, S] and the scene dicts."""
+    rng = random.Random(seed)
+    scenes = [shapes.sample_lab_scene(rng, image_px) for _ in range(count)]
+    images = np.stack([np.asarray(shapes.draw_lab_scene(s, image_px, background=rng.randint(20, 60))) for s in scenes])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes
+
+
+def caption_vocab():
+    """Every word a lab caption can hold, with <pad> = 0 and <eos> last: the highest id, where open_clip's text
+    tower pools (argmax of the ids) and CLIPTextModel finds it by eos_token_id."""
+    words = [*shapes.SIZES, *shapes.COLORS, *shapes.SHAPES, *shapes.GLYPHS, ',',
+             *' '.join(p for row in shapes.POSITIONS for p in row).split()]
+    return ['<pad>'] + sorted(set(words)) + ['<eos>']
+
+
+def tower_caption(scene):
+    """The towers' caption: shapes.lab_caption's facts without its filler words, which only lengthen the text tower's
+    sequence (and its cost): 'large red circle dot top left , small blue square stripes center'."""
+    return ' , '.join(f"{o['size']} {o['color']} {o['shape']} {o['glyph']} {shapes.position(o)}"
+                      for o in sorted(scene, key=lambda o: (o['row'], o['col'], o['x'])))
+
+
+def tokenize(captions, vocab, context_length=CONTEXT_LENGTH):
+    """captions -> [N, context_length] word ids: the words, <eos>, then <pad>."""
+    index = {w: i for i, w in enumerate(vocab)}
+    tokens = torch.zeros(len(captions), context_length, dtype=torch.long)
+    for i, text in enumerate(captions):
+        ids = [index[w] for w in text.split()] + [len(vocab) - 1]
+        assert len(ids) <= context_length, f"caption of {len(ids)} tokens > context_length {context_length}: {text!r}"
+        tokens[i, :len(ids)] = torch.tensor(ids)
+    return tokens
+
+
+def tower_pixels(images, name, resolution):
+    """uint8 [B, 3, S, S] -> the tower's input [B, 3, R, R], resized and normalised as mocha.Encoder.forward does."""
+    spec = ENCODER_SPECS[name]
+    pixels = images.float() / 255
+    if pixels.shape[-1] != resolution:
+        pixels = F.interpolate(pixels, size=(resolution, resolution), mode='bicubic', align_corners=False, antialias=True)
+    return (pixels - torch.tensor(spec['mean']).view(1, 3, 1, 1)) / torch.tensor(spec['std']).view(1, 3, 1, 1)
+
+# -----------------------------------------------------------------------------
+# the objectives, on unit embeddings u (images) and v (texts), [B, D] each; pair i is the match
+
+
+def clip_loss(u, v, log_scale):
+    """CLIP's InfoNCE, both ways: logits_ij = exp(t) u_i . v_j, L = (CE(logits, i) + CE(logits^T, i)) / 2,
+    the temperature exp(-t) learnt (t starts at log(1/0.07), capped at log 100 as in CLIP)."""
+    logits = log_scale.clamp(max=math.log(100)).exp() * u @ v.T          # [B, B]
+    labels = torch.arange(len(u))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def siglip_loss(u, v, log_scale, bias):
+    """SigLIP's pairwise sigmoid loss: every pair is its own binary question, z_ij = +1 on the diagonal, -1 off it,
+    L = -(1/B) sum_ij log sigmoid(z_ij (exp(t') u_i . v_j + b)), t' and b learnt (start: log 10, -10)."""
+    logits = log_scale.exp() * u @ v.T + bias                            # [B, B]
+    signs = 2 * torch.eye(len(u)) - 1
+    return -F.logsigmoid(signs * logits).sum() / len(u)
+
+
+def sinkhorn_knopp(teacher_logits, teacher_temp=0.04, iterations=3):
+    """DINOv2's centring of the teacher: the sharpened scores Q = exp(g_t / tau_t), [n, K], rescaled in turn so that
+    each prototype gets 1/K of the batch and each sample a distribution summing to 1 (Sinkhorn-Knopp). A teacher
+    whose outputs all agree then still gives the batch spread targets (DINO's running-mean centre let this tiny
+    pair collapse to the uniform distribution within 100 steps)."""
+    n, K = teacher_logits.shape
+    Q = ((teacher_logits - teacher_logits.max()) / teacher_temp).exp()      # [n, K]
+    Q = Q / Q.sum()
+    for _ in range(iterations):
+        Q = Q / (Q.sum(0, keepdim=True) * K)   # each prototype's column sums to 1/K
+        Q = Q / (Q.sum(1, keepdim=True) * n)   # each sample's row sums to 1/n
+    return Q * n                                                             # rows are distributions
+
+
+def dino_loss(student_logits, teacher_probs, student_temp=0.1):
+    """DINO's self-distillation: the teacher's centred, sharpened distribution p_t (sinkhorn_knopp) is the target
+    of the student's log softmax(g_s / tau_s) on every other view, L = mean over pairs (t, s), s != t of
+    -sum_k p_t[k] log p_s[k]. student_logits [V_s, B, K] (the first V_t views are the teacher's), teacher_probs
+    [V_t, B, K]."""
+    student_logp = (student_logits / student_temp).log_softmax(-1)           # [V_s, B, K]
+    cross = -torch.einsum('tbk,sbk->tsb', teacher_probs, student_logp).mean(-1)  # [V_t, V_s]
+    not_same_view = ~torch.eye(*cross.shape, dtype=torch.bool)
+    return cross[not_same_view].mean()
+
+# -----------------------------------------------------------------------------
+# the towers to train
+
+
+def convnext_config(vocab_size, resolution):
+    """The tiny open_clip CLIP of ENCODER_SPECS, its trunk at `resolution` and a text tower for the lab captions."""
+    tiny = ENCODER_SPECS['convnext']['tiny']
+    return dict(tiny, vision_cfg=dict(tiny['vision_cfg'], image_size=resolution),
+                text_cfg=dict(context_length=CONTEXT_LENGTH, vocab_size=vocab_size, width=64, heads=4, layers=2))
+
+
+def build_contrastive(name, vocab_size, resolution):
+    """(model holding every trained parameter, encode_image(pixels) -> [B, D], encode_text(tokens) -> [B, D]).
+    ConvNeXt: open_clip's own CLIP model, trunk + its head, and its text tower, as open_clip trains it.
+    SigLIP / CLIP: the tiny HF vision model, its pooled output (SigLIP's attention-pool head, CLIP's CLS) through a
+    linear projection, and a tiny CLIPTextModelWithProjection reading the same captions."""
+    if name == 'convnext':
+        import open_clip
+        model = open_clip.CLIP(**convnext_config(vocab_size, resolution))
+        return model, model.encode_image, model.encode_text
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    vision = build_backbone(name, 'tiny')
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=CONTEXT_LENGTH, projection_dim=embed_dim, pad_token_id=0, bos_token_id=None,
+        eos_token_id=vocab_size - 1))
+    model = nn.ModuleDict(dict(vision=vision, image_projection=nn.Linear(vision.config.hidden_size, embed_dim), text=text))
+    interpolate = resolution != vision.config.image_size  # the tiny configs say 64 px; 48 px interpolates, as Encoder does
+
+    def encode_image(pixels):
+        pooled = vision(pixel_values=pixels, interpolate_pos_encoding=interpolate).pooler_output  # [B, d]
+        return model['image_projection'](pooled)
+
+    return model, encode_image, lambda tokens: text(input_ids=tokens).text_embeds
+
+
+def lr_at(step, total, lr):
+    """Linear warm-up over the first 10 % of steps, then cosine to 0."""
+    warmup = max(1, total // 10)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed, log_every=50):
+    """CLIP, SigLIP or ConvNeXt on (image, caption) pairs. Returns (the model whose vision tower is kept, losses)."""
+    torch.manual_seed(seed)
+    pixels = torch.cat([tower_pixels(images[i:i + 500], name, resolution) for i in range(0, len(images), 500)])  # once
+    model, encode_image, encode_text = build_contrastive(name, vocab_size, resolution)
+    log_scale = nn.Parameter(torch.tensor(math.log(10.0) if name == 'siglip' else math.log(1 / 0.07)))
+    bias = nn.Parameter(torch.tensor(-10.0))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2] + [log_scale] + ([bias] if name == 'siglip' else [])
+    optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
+                                   {'params': no_decay, 'weight_decay': 0.0}], lr=lr)
+    batches = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group['lr'] = lr_at(step, steps, lr)
+        idx = torch.randint(len(images), (batch_size,), generator=batches)
+        image_embeds = F.normalize(encode_image(pixels[idx]), dim=-1)                                # [B, D]
+        text_embeds = F.normalize(encode_text(tokens[idx]), dim=-1)                                   # [B, D]
+        loss = (siglip_loss(image_embeds, text_embeds, log_scale, bias) if name == 'siglip'
+                else clip_loss(image_embeds, text_embeds, log_scale))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"{name} step {step}: loss {loss.item():.4f}, temperature {math.exp(-log_scale.item()):.4f}", flush=True)
+    if name == 'convnext':
+        model.logit_scale.data.copy_(log_scale.detach())  # the saved CLIP model holds the temperature it learnt
+    return model.eval(), losses
+
+
+def dino_views(images, generator, count, out_px, scale):
+    """`count` augmented views of each image, [count, B, 3, out_px, out_px], ImageNet-normalised: a random square
+    crop of `scale` of the area (an affine grid per image, no loop), a horizontal flip half the time, and the colour
+    taken away so the views agree only on geometry: grayscale half the time, else the RGB channels shuffled and
+    scaled per image."""
+    B = len(images)
+    small = F.interpolate(images.float() / 255, size=(2 * out_px,) * 2, mode='bicubic', antialias=True).clamp(0, 1)
+    views = []
+    for _ in range(count):
+        side = torch.empty(B).uniform_(*scale, generator=generator).sqrt()            # crop side / image side
+        shift = (torch.rand(B, 2, generator=generator) * 2 - 1) * (1 - side)[:, None]  # crop centre, in [-1, 1]
+        flip = torch.where(torch.rand(B, generator=generator) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(B, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = side * flip, side, shift
+        grid = F.affine_grid(theta, (B, 3, out_px, out_px), align_corners=False)
+        view = F.grid_sample(small, grid, mode='bilinear', padding_mode='border', align_corners=False)  # [B, 3, o, o]
+        channel_order = torch.rand(B, 3, generator=generator).argsort(dim=1)
+        gains = torch.empty(B, 3, 1, 1).uniform_(0.6, 1.4, generator=generator)
+        shuffled = (view.gather(1, channel_order[:, :, None, None].expand_as(view)) * gains).clamp(0, 1)
+        gray = (view * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(view)
+        view = torch.where(torch.rand(B, 1, 1, 1, generator=generator) < 0.5, gray, shuffled)
+        views.append((view - torch.tensor(ENCODER_SPECS['dinov2']['mean']).view(1, 3, 1, 1))
+                     / torch.tensor(ENCODER_SPECS['dinov2']['std']).view(1, 3, 1, 1))
+    return torch.stack(views)
+
+
+def koleo_loss(features):
+    """DINOv2's KoLeo regulariser on the student's [B, d] features: L = -(1/B) sum_i log min_{j != i} ||x_i - x_j||,
+    x = normalise(features). It spreads the batch over the sphere, so the views cannot all agree by being one point."""
+    x = F.normalize(features, dim=-1)
+    distances = torch.cdist(x, x) + torch.eye(len(x)) * 1e9                      # [B, B], self excluded
+    return -torch.log(distances.min(dim=1).values + 1e-8).mean()
+
+
+def dino_head(width, prototypes):
+    """DINO's projection head: an MLP to a bottleneck, then (in dino_logits) cosine logits against K prototypes.
+    With DINO's batch norms (its use_bn option): a random tiny ViT's CLS outputs differ little from image to image,
+    and without them the Sinkhorn-Knopp targets started near uniform (entropy 5.48 of log K = 5.55) and stayed so."""
+    return nn.ModuleDict(dict(mlp=nn.Sequential(nn.Linear(width, 256), nn.BatchNorm1d(256), nn.GELU(),
+                                                nn.Linear(256, 256), nn.BatchNorm1d(256), nn.GELU(),
+                                                nn.Linear(256, 64)),
+                              prototypes=nn.Linear(64, prototypes, bias=False)))
+
+
+def dino_logits(backbone, head, views):
+    """views [V, B, 3, s, s] -> ([V, B, K], CLS [V, B, d]): the CLS output, the MLP, then g = normalise(h) .
+    normalise(w_k) (the weight-normalised last layer of DINO, its norm fixed at 1)."""
+    V, B = views.shape[:2]
+    cls = backbone(pixel_values=views.flatten(0, 1)).pooler_output                # [V*B, d]
+    bottleneck = F.normalize(head['mlp'](cls), dim=-1)                           # [V*B, 64]
+    logits = bottleneck @ F.normalize(head['prototypes'].weight, dim=-1).T         # [V*B, K]
+    return logits.view(V, B, -1), cls.view(V, B, -1)
+
+
+def pretrain_dino(images, resolution, steps, batch_size, lr, seed, prototypes=256, koleo_weight=0.1, log_every=50):
+    """DINOv2's self-distillation without text: a student on 2 global views (48 px from 35-100 % of the image) and
+    4 local ones (32 px from 10-35 %), an EMA teacher on the global views; the teacher's output is centred
+    (Sinkhorn-Knopp, as DINOv2) and sharpened (tau_t 0.04 < tau_s 0.1); DINOv2's KoLeo term (weight 0.1) spreads
+    the student's CLS features. With DINO's running-mean centre and no batch norm in the head, this tiny pair
+    collapsed to uniform targets within 100 steps (loss = log K); as here, its targets keep an entropy of about 5.0
+    of log K = 5.55 over 600 steps (KoLeo made no visible difference in a 200-step try) and its loss falls 6.4 -> 5.3.
+    Returns (the teacher backbone, the one kept, as DINO keeps it; losses)."""
+    torch.manual_seed(seed)
+    student = build_backbone('dinov2', 'tiny')
+    student_head = dino_head(student.config.hidden_size, prototypes)
+    teacher, teacher_head = copy.deepcopy(student).requires_grad_(False), copy.deepcopy(student_head).requires_grad_(False)
+    params = list(student.parameters()) + list(student_head.parameters())
+    optimizer = torch.optim.AdamW([{'params': [p for p in params if p.ndim >= 2], 'weight_decay': weight_decay},
+                                   {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}], lr=lr)
+    batches = torch.Generator().manual_seed(seed)
+    local_px = resolution * 2 // 3  # 32 px: 2 x 2 patches of 16
+    student.train()
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group['lr'] = lr_at(step, steps, lr)
+        batch = images[torch.randint(len(images), (batch_size,), generator=batches)]
+        global_views = dino_views(batch, batches, 2, resolution, (0.35, 1.0))     # [2, B, 3, 48, 48]
+        local_views = dino_views(batch, batches, 4, local_px, (0.1, 0.35))        # [4, B, 3, 32, 32]
+        with torch.no_grad():
+            teacher_logits = dino_logits(teacher, teacher_head, global_views)[0]  # [2, B, K]
+            teacher_probs = sinkhorn_knopp(teacher_logits.flatten(0, 1)).view_as(teacher_logits)
+        student_global, student_cls = dino_logits(student, student_head, global_views)  # [2, B, K], [2, B, d]
+        student_logits = torch.cat([student_global, dino_logits(student, student_head, local_views)[0]])  # [6, B, K]
+        loss = dino_loss(student_logits, teacher_probs) + koleo_weight * koleo_loss(student_cls[0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            # teacher <- m teacher + (1 - m) student, m rising from 0.99 to 1 on a cosine (DINO's schedule)
+            momentum = 1 - 0.01 * (1 + math.cos(math.pi * step / steps)) / 2
+            for t, s in zip(list(teacher.parameters()) + list(teacher_head.parameters()), params):
+                t.lerp_(s, 1 - momentum)
+        losses.append(loss.item())
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            entropy = -(teacher_probs * teacher_probs.clamp_min(1e-12).log()).sum(-1).mean()  # of each target
+            print(f"dinov2 step {step}: loss {loss.item():.4f}, teacher entropy {entropy.item():.2f} "
+                  f"(log K = {math.log(prototypes):.2f})", flush=True)
+    return teacher.eval(), losses
+
+
+def save_tower(name, model, folder, vocab_size, resolution, record):
+    """HF towers: the vision model's save_pretrained folder. ConvNeXt: open_clip_config.json (model_cfg) +
+    open_clip_model.safetensors, the whole CLIP model, which open_clip.create_model('local-dir:' + folder) loads.
+    pretrain.json: how it was made (steps, seconds, first and last loss)."""
+    os.makedirs(folder, exist_ok=True)
+    if name == 'convnext':
+        with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
+            json.dump({'model_cfg': convnext_config(vocab_size, resolution),
+                       'preprocess_cfg': {'mean': list(CLIP_MEAN), 'std': list(CLIP_STD)}}, f, indent=1)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(folder, 'open_clip_model.safetensors'))
+    else:
+        vision = model['vision'] if name != 'dinov2' else model
+        vision.save_pretrained(folder)
+    with open(os.path.join(folder, 'pretrain.json'), 'w') as f:
+        json.dump(record, f, indent=1)
+
+
+def pretrain_tower(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed, folder=None):
+    """One tower with its family's objective; saved to folder when given. Returns (model, losses, seconds)."""
+    start = time.time()
+    if name == 'dinov2':
+        model, losses = pretrain_dino(images, resolution, steps, batch_size, lr, seed, dino_prototypes)
+    else:
+        model, losses = pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed)
+    seconds = time.time() - start
+    if folder:
+        save_tower(name, model, folder, vocab_size, resolution, dict(
+            objective={'siglip': 'sigmoid image-text', 'clip': 'softmax image-text (InfoNCE)',
+                       'convnext': 'softmax image-text (InfoNCE)', 'dinov2': 'DINO self-distillation'}[name],
+            resolution=resolution, steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed,
+            seconds=round(seconds, 1), threads=torch.get_num_threads(), first_loss=losses[0], last_loss=losses[-1]))
+    return model, losses, seconds
+
+# -----------------------------------------------------------------------------
+# the probe matrix: logistic regressions on frozen tokens, held-out accuracy per tower and factor
+
+FACTORS = ('color', 'shape', 'size', 'glyph', 'position', 'count', 'binding')
+
+
+def object_labels(scenes, image_px):
+    """One row per object: its scene's index, centre (x, y) in [0, 1), and its colour, shape, size, glyph ids."""
+    rows = [(i, o['x'] / image_px, o['y'] / image_px, list(shapes.COLORS).index(o['color']),
+             shapes.SHAPES.index(o['shape']), shapes.SIZES.index(o['size']), shapes.GLYPHS.index(o['glyph']))
+            for i, scene in enumerate(scenes) for o in scene]
+    columns = list(zip(*rows))
+    return dict(scene=torch.tensor(columns[0]), x=torch.tensor(columns[1]), y=torch.tensor(columns[2]),
+                color=torch.tensor(columns[3]), shape=torch.tensor(columns[4]), size=torch.tensor(columns[5]),
+                glyph=torch.tensor(columns[6]))
+
+
+def binding_labels(scenes):
+    """For each scene and each of the 24 (colour, shape) pairs: is there an object with both [N, 24], and does the
+    scene hold the colour and the shape at all [N, 24]. Where it holds both, only binding tells the answer."""
+    colors, num_shapes = list(shapes.COLORS), len(shapes.SHAPES)
+    has_pair, has_both = torch.zeros(len(scenes), len(colors) * num_shapes), torch.zeros(len(scenes), len(colors) * num_shapes)
+    for i, scene in enumerate(scenes):
+        color_ids = {colors.index(o['color']) for o in scene}
+        shape_ids = {shapes.SHAPES.index(o['shape']) for o in scene}
+        for o in scene:
+            has_pair[i, colors.index(o['color']) * num_shapes + shapes.SHAPES.index(o['shape'])] = 1
+        for c in color_ids:
+            for s in shape_ids:
+                has_both[i, c * num_shapes + s] = 1
+    return has_pair, has_both.bool()
+
+
+@torch.no_grad()
+def tower_tokens(encoders, images, batch_size=250):
+    """Frozen tokens of every tower: {name: [N, T_g, d_g]}."""
+    chunks = [encoders(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return {name: torch.cat([c[g] for c in chunks]) for g, name in enumerate(encoders.encoders)}
+
+
+def fit_probe(train_x, train_y, test_x, test_y, weight_decay=1e-3, mask=None, test_mask=None):
+    """A logistic regression on standardised features, full-batch L-BFGS; held-out accuracy in %.
+    train_y [n] class ids (softmax), or [n, C] 0/1 targets (one sigmoid per column, scored where mask is set)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    multilabel = train_y.ndim == 2
+    num_outputs = train_y.shape[1] if multilabel else int(max(train_y.max(), test_y.max())) + 1
+    probe = nn.Linear(train_x.shape[1], num_outputs)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn='strong_wolfe')
+
+    def closure():
+        optimizer.zero_grad()
+        logits = probe(train_x)
+        if multilabel:
+            loss = (F.binary_cross_entropy_with_logits(logits, train_y, reduction='none') * mask).sum() / mask.sum()
+        else:
+            loss = F.cross_entropy(logits, train_y)
+        loss = loss + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        logits = probe(test_x)
+        if multilabel:
+            return 100 * ((logits > 0).float() == test_y)[test_mask].float().mean().item()
+        return 100 * (logits.argmax(-1) == test_y).float().mean().item()
+
+
+def probe_tower(tokens, objects, has_pair, has_both, counts, num_train_scenes):
+    """Held-out accuracy of one tower's tokens [N, T, d] on each factor.
+    Object factors (colour, shape, size, glyph, position) read the token whose patch holds the object's centre, for
+    the objects whose patch holds no other object's centre (a shared token would answer for two; with every tower
+    on a 3 x 3 grid these are the same objects for all). 'position' is finer than the grid: which
+    quadrant of that patch holds the centre (the patch itself is known from the token's place in the sequence).
+    Scene factors read the mean of the tokens: 'count' (1-8 objects) and 'binding', 24 yes/no questions "is
+    there a <colour> <shape>?" scored only where the scene holds that colour and that shape on some objects."""
+    N, T, _ = tokens.shape
+    grid = math.isqrt(T)
+    col = (objects['x'] * grid).long().clamp(max=grid - 1)
+    row = (objects['y'] * grid).long().clamp(max=grid - 1)
+    patch = objects['scene'] * T + row * grid + col                                             # [M] ids
+    alone = torch.bincount(patch, minlength=N * T)[patch] == 1                                  # [M]
+    object_tokens = tokens[objects['scene'], row * grid + col]                                   # [M, d]
+    quadrant = 2 * ((objects['y'] * grid - row) >= 0.5).long() + ((objects['x'] * grid - col) >= 0.5).long()
+    train_objects = alone & (objects['scene'] < num_train_scenes)
+    test_objects = alone & (objects['scene'] >= num_train_scenes)
+    labels = dict(color=objects['color'], shape=objects['shape'], size=objects['size'], glyph=objects['glyph'],
+                  position=quadrant)
+    accuracy = {f: fit_probe(object_tokens[train_objects], y[train_objects], object_tokens[test_objects], y[test_objects])
+                for f, y in labels.items()}
+    pooled = tokens.mean(1)                                                                      # [N, d]
+    train, test = slice(0, num_train_scenes), slice(num_train_scenes, N)
+    accuracy['count'] = fit_probe(pooled[train], counts[train] - 1, pooled[test], counts[test] - 1)
+    accuracy['binding'] = fit_probe(pooled[train], has_pair[train], pooled[test], has_pair[test],
+                                    mask=has_both[train].float(), test_mask=has_both[test])
+    return accuracy
+
+
+def chance_levels(objects, has_pair, has_both, counts, num_train_scenes):
+    """The held-out accuracy of always answering the training set's most common label."""
+    def majority(train_y, test_y):
+        return 100 * (test_y == train_y.mode().values).float().mean().item()
+    train_objects, test_objects = objects['scene'] < num_train_scenes, objects['scene'] >= num_train_scenes
+    chance = {f: majority(objects[f][train_objects], objects[f][test_objects]) for f in ('color', 'shape', 'size', 'glyph')}
+    chance['position'] = 25.0
+    chance['count'] = majority(counts[:num_train_scenes], counts[num_train_scenes:])
+    pair_rate = has_pair[:num_train_scenes][has_both[:num_train_scenes]].mean().item()
+    test_pairs = has_pair[num_train_scenes:][has_both[num_train_scenes:]]
+    chance['binding'] = 100 * (test_pairs == float(pair_rate >= 0.5)).float().mean().item()
+    return chance
+
+
+def probe_matrix(paths, resolution, num_scenes, image_px, seed):
+    """{row name: {factor: held-out %}} for the pretrained towers in `paths` ({name: folder}), the random tiny
+    towers, and chance. The probe scenes come from their own seed, none seen in pretraining."""
+    images, scenes = render_lab(seed + 1000, num_scenes, image_px)
+    num_train = num_scenes * 3 // 4
+    objects = object_labels(scenes, image_px)
+    has_pair, has_both = binding_labels(scenes)
+    counts = torch.tensor([len(s) for s in scenes])
+    rows = {}
+    for source in ('pretrained', 'tiny'):
+        torch.manual_seed(seed)
+        names = list(paths) if source == 'pretrained' else [n for n in ENCODER_ORDER if n in paths]
+        encoders = Encoders(names, source, resolution, paths=paths if source == 'pretrained' else None)
+        for name, tokens in tower_tokens(encoders, images).items():
+            label = name if source == 'pretrained' else f'{name} (random)'
+            rows[label] = probe_tower(tokens, objects, has_pair, has_both, counts, num_train)
+    rows['chance'] = chance_levels(objects, has_pair, has_both, counts, num_train)
+    return rows
+
+
+def print_matrix(rows):
+    print(f"{'tower':<20}" + ''.join(f'{f:>9}' for f in FACTORS))
+    for label, accuracy in rows.items():
+        print(f'{label:<20}' + ''.join(f'{accuracy[f]:9.1f}' for f in FACTORS))
+    pretrained = {k: v for k, v in rows.items() if k in ENCODER_SPECS}
+    if len(pretrained) > 1:
+        best = {f: max(pretrained, key=lambda k: pretrained[k][f]) for f in FACTORS}
+        spread = {f: max(v[f] for v in pretrained.values()) - min(v[f] for v in pretrained.values()) for f in FACTORS}
+        print('best pretrained   ' + ''.join(f'{best[f]:>9}' for f in FACTORS))
+        print('best - worst      ' + ''.join(f'{spread[f]:9.1f}' for f in FACTORS))
+        print(f"block structure: no tower best everywhere: {len(set(best.values())) > 1}; "
+              f"a factor with best - worst >= 20 points: {max(spread.values()) >= 20}")
+
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    exec(open('configurator.py').read())
+    if threads:
+        torch.set_num_threads(threads)
+    resolution = dict(zip(ENCODER_ORDER, encoder_resolution))
+    names = list(ENCODER_ORDER) if tower == 'all' else [tower]
+    assert all(n in ENCODER_SPECS for n in names), f"--tower must be 'all' or one of {list(ENCODER_SPECS)}, got {tower!r}"
+    if probe:
+        paths = {n: os.path.join(out_dir, n) for n in names if os.path.isdir(os.path.join(out_dir, n))}
+        assert paths, f"no towers in {out_dir}: run python towers.py first"
+        start = time.time()
+        print_matrix(probe_matrix(paths, resolution, num_probe_scenes, image_px, seed))
+        print(f"probe matrix in {time.time() - start:.0f} s ({torch.get_num_threads()} threads)")
+    else:
+        start = time.time()
+        images, scenes = render_lab(seed, num_scenes, image_px)
+        vocab = caption_vocab()
+        tokens = tokenize([tower_caption(s) for s in scenes], vocab)
+        print(f"rendered {num_scenes} lab scenes at {image_px} px in {time.time() - start:.0f} s")
+        for name in names:
+            i = ENCODER_ORDER.index(name)
+            _, losses, seconds = pretrain_tower(name, images, tokens, len(vocab), resolution[name], tower_steps[i],
+                                                tower_batch_size[i], learning_rate, seed, os.path.join(out_dir, name))
+            print(f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {seconds:.0f} s "
+                  f"({torch.get_num_threads()} threads), saved to {os.path.join(out_dir, name)}", flush=True)
