@@ -515,8 +515,10 @@ def time_forward(module, part):
     module.register_forward_hook(lambda *_: phase_seconds.update({part: clock() - starts.pop()}) if starts else None)
 
 
+connector_part, connector_modules = (('MoV-Adapter', [raw_model.mova]) if connector == 'mova'
+                                     else ('MoECs', raw_model.moecs.values()))
 if profile:
-    for part, modules in (('encoders', [raw_model.encoders]), ('MoECs', raw_model.moecs.values()),
+    for part, modules in (('encoders', [raw_model.encoders]), (connector_part, connector_modules),
                           ('HGA', [raw_model.hga]), ('LM forward', [raw_model.llm])):
         for module in modules:
             time_forward(module, part)
@@ -642,7 +644,7 @@ if master:
     log(f"saved {ckpt_dir}")
 if profile and master and step > start_step:
     steps_timed, wall = step - start_step, clock() - profile_start
-    forward_parts = ('encoders', 'MoECs', 'HGA', 'LM forward')
+    forward_parts = ('encoders', connector_part, 'HGA', 'LM forward')
     profile_table = {part: phase_seconds[part] for part in ('data',) + forward_parts}
     profile_table['rest of the forward (splice, losses)'] = phase_seconds['forward'] - sum(profile_table[p] for p in forward_parts)
     profile_table.update(backward=phase_seconds['backward'], optimizer=phase_seconds['optimizer'])  # clipping too
