@@ -23,6 +23,7 @@ import glob
 import json
 import math
 import os
+import time
 from collections import Counter, defaultdict
 from contextlib import nullcontext
 
@@ -365,7 +366,8 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     renamed *.other and the questions answered again, never resumed. None: no check.
     route: MoVA models only, MoVA's two passes: the LLM first picks each image's experts (route_experts), then
     answers with them; the routing answer goes into the record's metadata, and one it cannot read is flagged there
-    (malformed) and answered with every expert. Otherwise every expert is used."""
+    (malformed) and answered with every expert. Otherwise every expert is used.
+    Returns how many questions this call answered (on all ranks together)."""
     template = template or model.config.template
     image_size = image_size or model.config.image_size
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -420,6 +422,7 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     if rank == 0:
         merge_answer_shards(answers_file, question_keys)
     barrier()
+    return len(todo)
 
 def checkpoint_stamp(ckpt_dir):
     """Names one save of a checkpoint: its weights file's size and modification time (each save replaces the
@@ -512,14 +515,18 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
             raise FileNotFoundError(f"{benchmark}: {name} {files.get(name)!r} does not exist")
     answers_file = os.path.join(out_dir, f'{benchmark}_answers.jsonl')
     routing = expert_usage_sums(model)
-    answer_questions(model, tokenizer, files['question_file'], files['image_folder'], answers_file,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id, routing=routing,
-                     weights=weights, route=route)
+    started = time.perf_counter()
+    answered = answer_questions(model, tokenizer, files['question_file'], files['image_folder'], answers_file,
+                                batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id,
+                                routing=routing, weights=weights, route=route)
+    seconds = time.perf_counter() - started
     usage = expert_usage(model, routing)  # every rank takes part in its all-reduce
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     answers = read_jsonl(answers_file)
     results = dict(score_benchmark(benchmark, answers, files), **usage)
+    # wall time of this run's answering per question (batched, all ranks together); None when it answered none
+    results['seconds_per_answer'] = seconds / answered if answered else None
     if route:  # MoVA's routing: how many routing answers could not be read (and used every expert)
         routed = [a['metadata'] for a in answers if 'malformed' in a.get('metadata', {})]
         results['routing_malformed'] = dict(count=sum(m['malformed'] for m in routed), of=len(routed))
@@ -640,6 +647,10 @@ def results_table(results):
             for subtask, sub in metrics['subtasks'].items():
                 rows.append(('MME', f'{subtask} score', sub['score']))
         rows.append((benchmark.upper(), 'unanswered questions', metrics['num_missing']))
+        if metrics.get('seconds_per_answer') is not None:
+            rows.append((benchmark.upper(), 'ms per answer (this run)', 1000 * metrics['seconds_per_answer']))
+        if 'routing_malformed' in metrics:
+            rows.append((benchmark.upper(), 'routing answers unreadable', metrics['routing_malformed']['count']))
     lines = [f"{'benchmark':<10} {'metric':<28} {'value':>9}"]
     for benchmark, name, value in rows:
         shown = '-' if value is None else f'{value:9.2f}' if isinstance(value, float) else f'{value:9d}'
