@@ -515,7 +515,7 @@ class MoCHA(nn.Module):
 
     @property
     def connectors(self):
-        """The trainable modules between the encoders and the LLM: the MoECs (and HGA's, parameter-free), or MoVA's adapter."""
+        """The modules between the encoders and the LLM: the MoECs and HGA (parameter-free), or MoVA's adapter."""
         return [self.moecs, self.hga] + ([self.mova] if self.config.connector == 'mova' else [])
 
     @property
@@ -681,7 +681,8 @@ class MoCHA(nn.Module):
 
     def trainable_state_dict(self):
         """What a checkpoint holds: the saved parts' tensors by name."""
-        return {k: v for prefix, module in self.saved_parts().items() for k, v in self.part_state_dict(prefix, module).items()}
+        return {k: v for prefix, module in self.saved_parts().items()
+                for k, v in self.part_state_dict(prefix, module).items()}
 
     def save_pretrained(self, out_dir, state_dict=None):
         """Writes config.json + model.safetensors, each via a temporary file and an atomic rename.
@@ -722,11 +723,13 @@ class MoCHA(nn.Module):
         (it is reloaded by name; LoRA adapters added since start fresh), a stage-2 one all of it, a LoRA one its
         adapters."""
         unexpected = sorted(set(state) - set(self.state_dict()))
-        parts = dict(**({'mova': self.mova} if self.config.connector == 'mova' else {}), moecs=self.moecs, llm=self.llm, encoders=self.encoders)
+        parts = dict(moecs=self.moecs, llm=self.llm, encoders=self.encoders)
+        if self.config.connector == 'mova':
+            parts['mova'] = self.mova
         needed = dict(moecs=True, mova=True, llm=self.config.llm_source != 'pretrained',
                       encoders=self.config.encoder_source != 'pretrained' or self.config.train_encoders)
-        missing = sorted(k for prefix, module in parts.items()
-                         if needed[prefix] or any(k.startswith(prefix + '.') for k in state)
+        held = {prefix for prefix in parts if any(k.startswith(prefix + '.') for k in state)}
+        missing = sorted(k for prefix, module in parts.items() if needed[prefix] or prefix in held
                          for k in self.part_state_dict(prefix, module) if k not in state)
         if unexpected or missing:
             hint = (" (LoRA adapters: build the model with the checkpoint's lora_rank, or merge them first)"

@@ -62,7 +62,8 @@ class MoVAdapterBlock(nn.Module):
     def __init__(self, dim, expert_dims, text_dim, num_heads, top_k):
         super().__init__()
         self.top_k = min(top_k, len(expert_dims))
-        self.gate = nn.Sequential(nn.Linear(text_dim + dim, dim), nn.GELU(), zero_init(nn.Linear(dim, len(expert_dims))))
+        self.gate = nn.Sequential(nn.Linear(text_dim + dim, dim), nn.GELU(),
+                                  zero_init(nn.Linear(dim, len(expert_dims))))
         self.query_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in expert_dims)
         self.expert_norms = nn.ModuleList(nn.LayerNorm(d) for d in expert_dims)
         self.cross_attns = nn.ModuleList(nn.MultiheadAttention(dim, num_heads, kdim=d, vdim=d, batch_first=True)
@@ -89,7 +90,8 @@ class MoVAdapterBlock(nn.Module):
         # x <- x + sum_e g_e CrossAttn_e(LN x, LN F_e): one attention per expert (their key widths differ)
         fused = torch.stack([attention(query_norm(x), expert_norm(f), expert_norm(f), need_weights=False)[0]
                              for attention, query_norm, expert_norm, f
-                             in zip(self.cross_attns, self.query_norms, self.expert_norms, experts)], dim=1)  # [B, E, N, D]
+                             in zip(self.cross_attns, self.query_norms, self.expert_norms, experts)], dim=1)
+        # fused: [B, E, N, D]
         x = x + (weights.to(fused.dtype)[:, :, None, None] * fused).sum(1)
         attended = self.self_norm(x)
         x = x + self.self_attn(attended, attended, attended, need_weights=False)[0]    # x <- x + SelfAttn(LN x)
@@ -175,8 +177,8 @@ def answer_losses(model, batch, expert_mask):
     """Each sample's mean loss over its learned (answer) tokens, [B], with these experts (expert_mask [n_img, E]).
     The same loss as MoCHA.forward's, per sample."""
     from mocha import IGNORE_INDEX
-    inputs_embeds, attention_mask, labels, _, _ = model.splice(batch['input_ids'], batch['attention_mask'],
-                                                               batch['labels'], batch['images'], expert_mask=expert_mask)
+    inputs_embeds, attention_mask, labels, _, _ = model.splice(
+        batch['input_ids'], batch['attention_mask'], batch['labels'], batch['images'], expert_mask=expert_mask)
     logits = model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits        # [B, L', V]
     targets = labels[:, 1:]
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX,

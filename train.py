@@ -86,7 +86,8 @@ k_intra = 7
 k_inter = 3
 connector = 'moec'         # 'moec': MoCHA's MoECs + HGA | 'mova': MoVA's MoV-Adapter instead (mova.py), every expert on
 mova_base = 'clip'         # MoVA: the base encoder whose tokens the experts' are fused into
-mova_blocks = 3            #       adapter blocks, experts each image's gate keeps, grid pooling per side (released: 3, 3, 2)
+mova_blocks = 3            #       its blocks, the experts each image's gate keeps, the grid's pooling per side
+                           #       (the released 3, 3, 2)
 mova_top_k = 3
 mova_pool = 2
 balance_coef = 0.1         # Eq. 10: the weights of the MoECs' load-balancing loss
@@ -123,7 +124,8 @@ overridden = {k for k in config_keys if config[k] != defaults[k]}  # by a config
 # -----------------------------------------------------------------------------
 # every process checks the enumerated options, so a typo never falls back to a default under torchrun
 for name, allowed in (('parallel', ('ddp', 'fsdp')), ('stage', (1, 2)), ('template', TEMPLATES),
-                      ('fusion', ('sequence', 'channel')), ('connector', ('moec', 'mova')), ('on_bad_sample', ('skip', 'error')),
+                      ('fusion', ('sequence', 'channel')), ('connector', ('moec', 'mova')),
+                      ('on_bad_sample', ('skip', 'error')),
                       ('image_aspect', IMAGE_ASPECTS),
                       ('dtype', ('float32', 'bfloat16', 'float16'))):
     if config[name] not in allowed:
@@ -196,13 +198,14 @@ model_config = MoCHAConfig(
                                 else (encoder_resolution,) * len(ENCODER_ORDER))), image_size=image_size,
     feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
     num_experts=num_experts, top_k=top_k, hga=hga, k_intra=k_intra, k_inter=k_inter, balance_coef=balance_coef,
-    z_coef=z_coef, llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None, template=template,
-    lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, connector=connector, mova_base=mova_base,
-    mova_blocks=mova_blocks, mova_top_k=mova_top_k, mova_pool=mova_pool)
+    z_coef=z_coef, llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None,
+    template=template, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, connector=connector,
+    mova_base=mova_base, mova_blocks=mova_blocks, mova_top_k=mova_top_k, mova_pool=mova_pool)
 ARCHITECTURE = ('encoders', 'encoder_source', 'encoder_resolution', 'image_size', 'feature_layer', 'fusion',
                 'num_experts', 'top_k', 'hga', 'k_intra', 'k_inter', 'llm', 'llm_source', 'llm_layers', 'connector',
                 'mova_base', 'mova_blocks', 'mova_top_k', 'mova_pool')
-LORA = ('lora_rank', 'lora_alpha', 'lora_dropout')  # a stage-1 checkpoint gets adapters in stage 2; a resumed run keeps its
+LORA = ('lora_rank', 'lora_alpha', 'lora_dropout')  # a stage-1 checkpoint gets adapters in stage 2; a resumed run
+                                                    # keeps its own
 
 def warn_past_trained_positions(llm_config):
     trained_positions = getattr(llm_config, 'max_position_embeddings', None)
