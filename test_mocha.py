@@ -2516,11 +2516,11 @@ def test_text_training_with_the_image_path_frozen_skips_the_blank_image(tiny_moc
 
 def test_resumed_lora_run_gives_the_losses_of_an_uninterrupted_one_then_merges_and_is_scored(small_shapes, tmp_path):
     """config/stage2_lora.py's path on the shapes world: LoRA on a pretrained (local) LLM with adapter-only checkpoints,
-    three optimizer param groups (adapters, MoECs at connector_lr_scale, trained encoders at encoder_lr_scale) and
-    dropout, which draws from the RNG the resume restores; then the merged checkpoint and the benchmarks scored."""
+    two optimizer param groups (the adapters, the MoECs at connector_lr_scale) and dropout, which draws from the RNG
+    the resume restores; then the merged checkpoint and the benchmarks scored."""
     llm = save_tiny_llm(f'{small_shapes}/tokenizer', tmp_path / 'llm')
     args = ('--max_steps=6', '--stage=2', '--template=phi', f'--data_json={small_shapes}/instruct.json',
-            '--train_encoders=True', '--encoder_lr_scale=0.5', f'--llm={llm}', '--llm_source=pretrained',
+            f'--llm={llm}', '--llm_source=pretrained',
             '--lora_rank=4', '--lora_alpha=8', '--lora_dropout=0.1', '--connector_lr_scale=0.25', '--merge_lora=True')
     full_state, full = run_train(small_shapes, tmp_path / 'full', *args, '--eval_shapes_at_end=True',
                                  '--shapes_benchmarks=pope')
