@@ -441,18 +441,21 @@ class HGA(nn.Module):
 # MoCHA: encoders -> MoECs -> append -> HGA -> splice into the LLM
 
 
-def resample_grid_and_concat(encoder_tokens, num_tokens):
-    """Channel-concatenation ablation: bilinearly resample each [B, h*w, C] grid to a common
-    square grid and concatenate the channels: [B, num_tokens, sum C]."""
-    side = math.isqrt(num_tokens)
-    grids = []
-    for tokens in encoder_tokens:
-        B, n, C = tokens.shape
-        h = math.isqrt(n)
-        grid = tokens.transpose(1, 2).reshape(B, C, h, h)
+def resize_to_grid(tokens, side):
+    """[B, h*w, C] tokens of a square grid, bilinearly resized to side x side: [B, side*side, C]."""
+    B, n, C = tokens.shape
+    h = math.isqrt(n)
+    grid = tokens.transpose(1, 2).reshape(B, C, h, h)
+    if h != side:
         grid = F.interpolate(grid, size=(side, side), mode='bilinear', align_corners=False)
-        grids.append(grid.flatten(2).transpose(1, 2))
-    return torch.cat(grids, dim=-1)
+    return grid.flatten(2).transpose(1, 2)
+
+
+def resample_grid_and_concat(encoder_tokens, num_tokens):
+    """Channel-concatenation ablation: each encoder's grid resized to a common square grid, the channels
+    concatenated: [B, num_tokens, sum C]."""
+    side = math.isqrt(num_tokens)
+    return torch.cat([resize_to_grid(tokens, side) for tokens in encoder_tokens], dim=-1)
 
 
 class MoCHA(nn.Module):

@@ -37,15 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def resize_to_grid(tokens, side):
-    """[B, h*w, C] tokens of a square grid, bilinearly resized to side x side: [B, side*side, C]."""
-    B, n, C = tokens.shape
-    h = math.isqrt(n)
-    grid = tokens.transpose(1, 2).reshape(B, C, h, h)
-    if h != side:
-        grid = F.interpolate(grid, size=(side, side), mode='bilinear', align_corners=False)
-    return grid.flatten(2).transpose(1, 2)
+from mocha import IGNORE_INDEX, resize_to_grid
 
 
 def zero_init(linear):
@@ -176,7 +168,6 @@ def parse_routing(answer, num_experts):
 def answer_losses(model, batch, expert_mask):
     """Each sample's mean loss over its learned (answer) tokens, [B], with these experts (expert_mask [n_img, E]).
     The same loss as MoCHA.forward's, per sample."""
-    from mocha import IGNORE_INDEX
     inputs_embeds, attention_mask, labels, _, _ = model.splice(
         batch['input_ids'], batch['attention_mask'], batch['labels'], batch['images'], expert_mask=expert_mask)
     logits = model.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits        # [B, L', V]
