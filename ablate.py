@@ -63,6 +63,9 @@ VARIANTS = {
     # MoVA beside MoCHA (mova.py): the MoV-Adapter over CLIP's 3x3 tokens (unpooled: pooling would leave one), every
     # expert on; not a paper ablation but the other design on the same encoders, LM, data and budget
     'mova': ['--connector=mova', '--mova_pool=1'],
+    # the towers: random tiny ones of the same architectures in place of the pretrained ones (towers.py); not in
+    # the paper, the lab's own control: what pretraining the towers gives
+    'towers_random': ['--encoder_source=tiny'],
 }
 # The paper's difference (variant - full, points) on GQA and POPE for the rows it has, from MoCHA-Phi2's tables
 # (docs/ablations.md sets them side by side): the direction a paired difference is judged against; 'lower': the
@@ -76,7 +79,9 @@ PAPER = {
     'siglip_clip_convnext': dict(gqa=60.34 - 65.24, pope_mean=88.07 - 89.95),
     'channel': dict(gqa='lower', pope_mean='lower'),               # Figure 5: sequence better everywhere
 }
-HEADLINE = ('pope_mean', 'gqa')  # the metrics the paired table judges
+for paper_row in PAPER.values():  # the lab's harder POPE and GQA are judged against the same direction
+    paper_row.update(lab_gqa=paper_row['gqa'], lab_pope_mean=paper_row['pope_mean'])
+HEADLINE = ('pope_mean', 'gqa', 'lab_pope_mean', 'lab_gqa')  # the metrics the paired table judges
 QUICK = ('full', 'mlp', 'hga_off', 'siglip')  # --quick: the positive control and the paper's two connector claims
 # the table's columns: name -> where in a run's eval/results.json (None: computed in run_metrics)
 METRICS = {
@@ -93,6 +98,15 @@ METRICS = {
     # the LM stage's row only: GQA's questions about the same scenes written in words (eval.py's gqa_words)
     'words_gqa': ('gqa_words', 'accuracy'),
     'words_where': ('gqa_words', 'by_type', 'queryPosition'),
+    # the lab's harder benchmarks (shapes.py's lab world: up to 8 objects anywhere, textures only ConvNeXt sees)
+    'lab_pope_random': ('lab_pope', 'random', 'accuracy'),
+    'lab_pope_popular': ('lab_pope', 'popular', 'accuracy'),
+    'lab_pope_adversarial': ('lab_pope', 'adversarial', 'accuracy'),  # a present object with one attribute changed
+    'lab_pope_mean': None,
+    'lab_gqa': ('lab_gqa', 'accuracy'),
+    'lab_texture': ('lab_gqa', 'by_type', 'queryTexture'),   # "What texture does the red circle have?"
+    'lab_binding': ('lab_gqa', 'by_type', 'verifyBinding'),  # "Is the red object a circle?"
+    'lab_count': ('lab_gqa', 'by_type', 'count'),            # up to 8
 }
 
 # -----------------------------------------------------------------------------
@@ -123,8 +137,9 @@ def run_metrics(run_dir):
     with open(os.path.join(run_dir, 'eval', 'results.json')) as f:
         results = json.load(f)
     metrics = {name: dig(results, path) for name, path in METRICS.items() if path}
-    splits = [metrics[f'pope_{split}'] for split in ('random', 'popular', 'adversarial')]
-    metrics['pope_mean'] = sum(splits) / len(splits) if None not in splits else None
+    for pope in ('pope', 'lab_pope'):  # mean accuracy of the three splits
+        splits = [metrics[f'{pope}_{split}'] for split in ('random', 'popular', 'adversarial')]
+        metrics[f'{pope}_mean'] = sum(splits) / len(splits) if None not in splits else None
     return {name: metrics[name] for name in METRICS}
 
 

@@ -470,13 +470,15 @@ BENCHMARK_FILES = {
     'gqa': ('question_file', 'image_folder', 'questions_json'),
     'gqa_words': ('question_file', 'image_folder', 'questions_json'),  # the shapes GQA in words, no image
     'mme': ('question_file', 'image_folder', 'mme_root'),
+    'lab_pope': ('question_file', 'image_folder', 'annotation_dir'),  # the shapes lab's, scored as POPE and GQA
+    'lab_gqa': ('question_file', 'image_folder', 'questions_json'),
 }
 
 def score_benchmark(benchmark, answers, files):
     """files: the benchmark's own files, the keys named like the scorers' arguments."""
-    if benchmark == 'pope':
+    if benchmark in ('pope', 'lab_pope'):
         return score_pope(answers, files['question_file'], files['annotation_dir'])
-    if benchmark in ('gqa', 'gqa_words'):
+    if benchmark in ('gqa', 'gqa_words', 'lab_gqa'):
         return score_gqa(answers, files['questions_json'])
     return score_mme(answers, files['mme_root'])
 
@@ -530,8 +532,10 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
     if route:  # MoVA's routing: how many routing answers could not be read (and used every expert)
         routed = [a['metadata'] for a in answers if 'malformed' in a.get('metadata', {})]
         results['routing_malformed'] = dict(count=sum(m['malformed'] for m in routed), of=len(routed))
-    if benchmark == 'gqa':  # the inputs of the official scorers, to check these numbers with them
-        write_gqa_predictions(answers, files['questions_json'], out_dir)
+    if benchmark in ('gqa', 'lab_gqa'):  # the inputs of the official scorers, to check these numbers with them
+        predictions_dir = out_dir if benchmark == 'gqa' else os.path.join(out_dir, 'lab')  # same file name
+        os.makedirs(predictions_dir, exist_ok=True)
+        write_gqa_predictions(answers, files['questions_json'], predictions_dir)
     elif benchmark == 'mme':
         write_mme_results(answers, files['mme_root'], out_dir)
     return results
@@ -579,37 +583,50 @@ def write_mme_results(answers, mme_root, out_dir):
             f.writelines(subtask_lines)
     return results_dir
 
+def pope_files(pope):
+    return dict(question_file=os.path.join(pope, 'llava_pope_test.jsonl'), image_folder=os.path.join(pope, 'val2014'),
+                annotation_dir=os.path.join(pope, 'coco'))
+
+def gqa_files(gqa):
+    return dict(question_file=os.path.join(gqa, 'llava_gqa_testdev_balanced.jsonl'),
+                image_folder=os.path.join(gqa, 'images'),
+                questions_json=os.path.join(gqa, 'testdev_balanced_questions.json'))
+
 def shapes_files(shapes_dir):
-    """Where shapes.prepare_shapes puts each shapes benchmark (LLaVA's playground/data/eval layout)."""
+    """Where shapes.prepare_shapes puts each shapes benchmark (LLaVA's playground/data/eval layout); the lab's
+    POPE and GQA in the same layout under eval/lab."""
     eval_dir = os.path.join(shapes_dir, 'eval')
     pope, gqa, mme = (os.path.join(eval_dir, name) for name in ('pope', 'gqa', 'mme'))
     return {
-        'pope': dict(question_file=os.path.join(pope, 'llava_pope_test.jsonl'),
-                     image_folder=os.path.join(pope, 'val2014'),
-                     annotation_dir=os.path.join(pope, 'coco')),
-        'gqa': dict(question_file=os.path.join(gqa, 'llava_gqa_testdev_balanced.jsonl'),
-                    image_folder=os.path.join(gqa, 'images'),
-                    questions_json=os.path.join(gqa, 'testdev_balanced_questions.json')),
+        'pope': pope_files(pope),
+        'gqa': gqa_files(gqa),
         'gqa_words': dict(question_file=os.path.join(gqa, 'llava_gqa_testdev_balanced_words.jsonl'),
                           image_folder=os.path.join(gqa, 'images'),  # unused: no question has an image
                           questions_json=os.path.join(gqa, 'testdev_balanced_questions.json')),
         'mme': dict(question_file=os.path.join(mme, 'llava_mme.jsonl'),
                     image_folder=os.path.join(mme, 'MME_Benchmark_release_version'),
                     mme_root=os.path.join(mme, 'MME_Benchmark_release_version')),
+        'lab_pope': pope_files(os.path.join(eval_dir, 'lab', 'pope')),
+        'lab_gqa': gqa_files(os.path.join(eval_dir, 'lab', 'gqa')),
     }
 
-SHAPES_BENCHMARKS = ('pope', 'gqa', 'mme')
+LAB_BENCHMARKS = ('lab_pope', 'lab_gqa')
+SHAPES_BENCHMARKS = ('pope', 'gqa', 'mme') + LAB_BENCHMARKS  # the lab's only where the data has them
 
 def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_new_tokens=16, model_id='nanomocha',
                     benchmarks=SHAPES_BENCHMARKS, weights=None, route=False):
-    """Answer and score the shapes benchmarks (default: the three on images; 'gqa_words' asks GQA's questions
-    about the scenes written in words, which is how the text step is scored); answers and results.json go to out_dir.
+    """Answer and score the shapes benchmarks (default: the three on images, and the lab's two where shapes_dir has
+    them, eval/lab: a data dir of an older shapes.py has not; 'gqa_words' asks GQA's questions about the scenes
+    written in words, which is how the text step is scored); answers and results.json go to out_dir.
     Resumable like answer_questions (weights: as there). Under torchrun every
     rank calls it with the unwrapped model (they share the answering).
-    Returns {'pope': ..., 'gqa': ..., 'mme': ...} on rank 0, None on the other ranks."""
+    Returns {'pope': ..., 'gqa': ..., 'mme': ..., 'lab_pope': ..., 'lab_gqa': ...} on rank 0, None on the other
+    ranks."""
     results = {}
     for benchmark in benchmarks:
         files = shapes_files(shapes_dir)[benchmark]
+        if benchmark in LAB_BENCHMARKS and not os.path.exists(files['question_file']):
+            continue
         results[benchmark] = run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
                                            max_new_tokens, model_id, weights, route)
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -628,29 +645,30 @@ def results_table(results):
     """The headline numbers, one line each (None: nothing answered)."""
     rows = []
     for benchmark, metrics in results.items():
-        if benchmark == 'pope':
-            rows.append(('POPE', 'F1 (mean of splits)', metrics['f1_avg']))
+        label = {'lab_pope': 'LAB POPE', 'lab_gqa': 'LAB GQA'}.get(benchmark, benchmark.upper())
+        if benchmark in ('pope', 'lab_pope'):
+            rows.append((label, 'F1 (mean of splits)', metrics['f1_avg']))
             for split in POPE_SPLITS:
                 if split in metrics:
                     for name in ('accuracy', 'f1', 'yes_ratio'):
-                        rows.append(('POPE', f'{split} {name}', metrics[split][name]))
+                        rows.append((label, f'{split} {name}', metrics[split][name]))
             for positives, group in metrics.get('by_positives', {}).items():
-                rows.append(('POPE', f'images of {positives} present: accuracy', group['accuracy']))
-        elif benchmark in ('gqa', 'gqa_words'):
+                rows.append((label, f'images of {positives} present: accuracy', group['accuracy']))
+        elif benchmark in ('gqa', 'gqa_words', 'lab_gqa'):
             for name in ('accuracy', 'binary', 'open'):
-                rows.append((benchmark.upper(), name, metrics[name]))
+                rows.append((label, name, metrics[name]))
             for kind, accuracy in sorted(metrics.get('by_type', {}).items()):
-                rows.append((benchmark.upper(), f'{kind} accuracy', accuracy))
+                rows.append((label, f'{kind} accuracy', accuracy))
         elif benchmark == 'mme':
             rows.append(('MME', 'perception', metrics['perception']))
             rows.append(('MME', 'cognition', metrics['cognition']))
             for subtask, sub in metrics['subtasks'].items():
                 rows.append(('MME', f'{subtask} score', sub['score']))
-        rows.append((benchmark.upper(), 'unanswered questions', metrics['num_missing']))
+        rows.append((label, 'unanswered questions', metrics['num_missing']))
         if metrics.get('seconds_per_answer') is not None:
-            rows.append((benchmark.upper(), 'ms per answer (this run)', 1000 * metrics['seconds_per_answer']))
+            rows.append((label, 'ms per answer (this run)', 1000 * metrics['seconds_per_answer']))
         if 'routing_malformed' in metrics:
-            rows.append((benchmark.upper(), 'routing answers unreadable', metrics['routing_malformed']['count']))
+            rows.append((label, 'routing answers unreadable', metrics['routing_malformed']['count']))
     lines = [f"{'benchmark':<10} {'metric':<28} {'value':>9}"]
     for benchmark, name, value in rows:
         shown = '-' if value is None else f'{value:9.2f}' if isinstance(value, float) else f'{value:9d}'

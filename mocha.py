@@ -458,6 +458,18 @@ def resample_grid_and_concat(encoder_tokens, num_tokens):
     return torch.cat([resize_to_grid(tokens, side) for tokens in encoder_tokens], dim=-1)
 
 
+def check_vocab_extends(llm_vocab, vocab, tokenizer_name, llm_name):
+    """A tokenizer may add words after the LLM's own, never move one: another id would look up the wrong
+    embedding without an error (a shipped shapes LM against a changed shapes world, for one)."""
+    moved = [word for word, i in llm_vocab.items() if vocab.get(word) != i]
+    inserted = [word for word, i in vocab.items() if word not in llm_vocab and i < len(llm_vocab)]
+    if moved or inserted:
+        raise ValueError(f"tokenizer {tokenizer_name} does not keep the ids of the vocabulary the llm {llm_name} "
+                         f"was trained with ({len(moved)} words moved, e.g. {moved[:3]}; {len(inserted)} inserted "
+                         f"among them): use the llm's own tokenizer, one that only appends words, or retrain the llm "
+                         f"on this one (the shapes world: python train.py config/shapes_lm.py)")
+
+
 class MoCHA(nn.Module):
     """The whole model (the paper's Figure 1): Encoders -> one MoEC per encoder -> append along the sequence
     (Eq. 6) -> HGA (Eqs. 7-9) -> the visual tokens replace the <image> placeholder in the LLM's input
@@ -477,16 +489,16 @@ class MoCHA(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm)
             llm_tokenizer = os.path.join(config.llm, 'tokenizer.json')  # a local LLM folder saved with its own
             if config.tokenizer and config.llm_source == 'pretrained' and os.path.isfile(llm_tokenizer):
-                # another vocabulary would look up the wrong embeddings without an error (a shipped shapes LM
-                # against a changed shapes world, for one)
-                if AutoTokenizer.from_pretrained(config.llm).get_vocab() != self.tokenizer.get_vocab():
-                    raise ValueError(f"tokenizer {config.tokenizer} has another vocabulary than the one the llm "
-                                     f"{config.llm} was trained with: use the llm's own tokenizer, or retrain the "
-                                     f"llm on this one (the shapes world: python train.py config/shapes_lm.py)")
+                check_vocab_extends(AutoTokenizer.from_pretrained(config.llm).get_vocab(), self.tokenizer.get_vocab(),
+                                    config.tokenizer, config.llm)
         if config.llm_source == 'tiny' and self.tokenizer is None:
             raise ValueError("a tiny LLM takes its vocabulary from a tokenizer: set config.tokenizer")
         self.llm = build_llm(config.llm, config.llm_source, self.tokenizer and len(self.tokenizer),
                              config.llm_layers)
+        if self.tokenizer is not None and len(self.tokenizer) > self.llm.get_input_embeddings().num_embeddings:
+            # words the LLM never saw (the lab world's), appended after its own: new rows drawn around the mean
+            # of the old ones (HF's mean_resizing), in the input embedding and the LM head
+            self.llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
         if config.lora_rank:
             add_lora(self.llm, config.lora_rank, config.lora_alpha, config.lora_dropout)
         self.encoders = Encoders(config.encoders, config.encoder_source, config.encoder_resolution,

@@ -4,15 +4,18 @@ The shapes world: a synthetic stand-in for LLaVA's data and benchmarks, made off
 `python shapes.py` (or the first `python train.py config/shapes.py`) writes data/shapes/: images of
 1-4 coloured shapes on a 3x3 grid, LLaVA-format pretrain.json / instruct.json, text.json (the tiny LM's
 pretraining: such conversations about scenes written as words), a word-level tokenizer,
-and held-out POPE, GQA and MME files in the real benchmarks' formats. This is nanoGPT's
+and held-out POPE, GQA and MME files in the real benchmarks' formats; also the lab (the end of this file):
+crowded, textured scenes in instruct.json and in harder POPE and GQA files (eval/lab). This is nanoGPT's
 data/<name>/prepare.py role; data.py holds the real LLaVA pipeline that reads what this writes.
 """
+import functools
 import json
 import math
 import os
 import random
-from collections import Counter
+from collections import Counter, namedtuple
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from data import IMAGE_TEXT, SYSTEM
@@ -30,6 +33,9 @@ PLACES = {'left': 'on the left', 'right': 'on the right', 'center': 'in the cent
 SIDES = {'left': 'on the left side of the image', 'right': 'on the right side of the image',
          'top': 'at the top of the image', 'bottom': 'at the bottom of the image'}
 NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four')
+LAB_NUMBER_WORDS = NUMBER_WORDS + ('five', 'six', 'seven', 'eight')  # the lab counts to 8; NUMBER_WORDS stays the
+# grid world's, which its tokenizer is built from
+GRID_MAX_OBJECTS = 4
 CATEGORIES = [(color, shape) for color in COLORS for shape in SHAPES]  # POPE's "objects": 'red circle', ...
 # Uneven category frequencies and a bias to co-occur with a category sharing a colour or shape give POPE's
 # popular and adversarial negatives something to find, as COCO's do.
@@ -61,7 +67,7 @@ def sample_scene(rng, image_px):
     Centred, because the tiny encoders are random: an object shifted inside its cell lands on different
     pixels of a 16-px patch, and a random patch embedding then hardly tells its shape (single-object shape
     naming: 63 % with shifts of up to the cell's slack, 99 % centred, same training)."""
-    n = rng.randint(1, 4)
+    n = rng.randint(1, GRID_MAX_OBJECTS)
     cells = sorted(rng.sample(range(9), n))
     cell_px = image_px / 3
     scene = []
@@ -110,6 +116,15 @@ def caption(scene):
     return phrases[0] if len(phrases) == 1 else ', '.join(phrases[:-1]) + ' and ' + phrases[-1]
 
 
+def scene_words(scene):
+    """The scene as 9 words, one per cell in reading order: 'empty' or '<size>_<color>_<shape>'. One word per
+    object, as one visual token per cell carries the object: what the tiny LM reads in text.json."""
+    words = ['empty'] * 9
+    for obj in scene:
+        words[obj['row'] * 3 + obj['col']] = f"{obj['size']}_{obj['color']}_{obj['shape']}"
+    return ' '.join(words)
+
+
 def shape_ref(obj, scene):
     """'the circle', or 'the circle at the top left' when the scene has more than one circle"""
     unique = sum(o['shape'] == obj['shape'] for o in scene) == 1
@@ -119,6 +134,18 @@ def shape_ref(obj, scene):
 def color_ref(obj, scene):
     unique = sum(o['color'] == obj['color'] for o in scene) == 1
     return f"the {obj['color']} object" + ('' if unique else f" {place(obj)}")
+
+
+def both_ref(obj, scene):
+    return f"the {obj['color']} {obj['shape']}"
+
+
+def pick(scene, rng, ref):
+    """A random object of those that ref (shape_ref, color_ref, both_ref) names unambiguously, None if none is:
+    in the grid world every object (distinct colour-shape pairs, one per cell); a lab scene may repeat a colour,
+    a shape, even a colour-shape pair in one cell. Same draw as rng.choice(scene) when all are named."""
+    named = [o for o in scene if sum(ref(p, scene) == ref(o, scene) for p in scene) == 1]
+    return rng.choice(named) if named else None
 
 
 def absent_categories(scene):
@@ -156,8 +183,9 @@ def then(steps, operation, argument):
     return steps + [step(operation, argument, len(steps) - 1)]
 
 
-# Question families: (scene, rng) -> (question, answer, GQA types (structural, semantic, detailed)[, GQA
-# semantic program]). Answers are lower case; yes/no families say yes half the time. The program adds no
+# Question families: (scene, rng) -> (question, answer, GQA types (structural, semantic, detailed), GQA
+# semantic program), or None where the family cannot ask about the scene (no object it can name unambiguously:
+# crowded lab scenes). Answers are lower case; yes/no families say yes half the time. The program adds no
 # random draw, so the data stay those of the seed.
 
 def ask_exist_object(scene, rng):
@@ -186,47 +214,67 @@ def ask_exist_shape(scene, rng):
     return f"Is there a {shape} in the image?", 'yes' if yes else 'no', ('verify', 'obj', 'existC'), program
 
 
+def select_all(scene, where, name='object'):
+    """A select step of every object for which where(obj) holds: what a count or how-many question refers to."""
+    return step('select', f"{name} ({object_ids([o for o in scene if where(o)], scene)})")
+
+
 def ask_count(scene, rng):
+    """Digits as answers, in both worlds: the same question must not have two answer forms."""
     kind = rng.choice(('shape', 'color', 'all'))
     if kind == 'shape':
         shape = rng.choice(SHAPES)
-        return f"How many {shape}s are there?", str(sum(o['shape'] == shape for o in scene)), ('query', 'obj', 'count')
+        return (f"How many {shape}s are there?", str(sum(o['shape'] == shape for o in scene)),
+                ('query', 'obj', 'count'),
+                [select_all(scene, lambda o: o['shape'] == shape, shape), step('count', 'number', 0)])
     if kind == 'color':
         color = rng.choice([o['color'] for o in scene])
         return (f"How many {color} objects are there?", str(sum(o['color'] == color for o in scene)),
-                ('query', 'attr', 'count'))
-    return "How many objects are there?", str(len(scene)), ('query', 'obj', 'count')
+                ('query', 'attr', 'count'), [select_all(scene, lambda o: o['color'] == color),
+                                             step('filter color', color, 0), step('count', 'number', 1)])
+    return ("How many objects are there?", str(len(scene)), ('query', 'obj', 'count'),
+            [select_all(scene, lambda o: True), step('count', 'number', 0)])
 
 
 def count_question(shape, n):
     if n == 1:
         return f"Is there only one {shape} in the image?"
-    return f"Are there {NUMBER_WORDS[n]} {shape}s in the image?"
+    return f"Are there {LAB_NUMBER_WORDS[n]} {shape}s in the image?"
+
+
+def most_objects(scene):
+    """How many objects a scene of its world can hold: a lab scene's objects have a texture."""
+    return LAB_MAX_OBJECTS if 'texture' in scene[0] else GRID_MAX_OBJECTS
 
 
 def ask_count_verify(scene, rng):
     shape = rng.choice([o['shape'] for o in scene])
     n = sum(o['shape'] == shape for o in scene)
     if rng.random() < 0.5:
-        return count_question(shape, n), 'yes', ('verify', 'obj', 'verifyCount')
-    wrong = rng.choice([m for m in (n - 1, n + 1) if 1 <= m <= 4])
-    return count_question(shape, wrong), 'no', ('verify', 'obj', 'verifyCount')
+        m, answer = n, 'yes'
+    else:  # one off, never past what the world can hold
+        m, answer = rng.choice([m for m in (n - 1, n + 1) if 1 <= m <= most_objects(scene)]), 'no'
+    return (count_question(shape, m), answer, ('verify', 'obj', 'verifyCount'),
+            [select_all(scene, lambda o: o['shape'] == shape, shape), step('verify count', str(m), 0)])
 
 
 def ask_color(scene, rng):
-    obj = rng.choice(scene)
+    if (obj := pick(scene, rng, shape_ref)) is None:
+        return None
     return (f"What color is {shape_ref(obj, scene)}?", obj['color'], ('query', 'attr', 'queryAttr'),
             then(refer(obj, scene, 'shape'), 'query', 'color'))
 
 
 def ask_shape(scene, rng):
-    obj = rng.choice(scene)
+    if (obj := pick(scene, rng, color_ref)) is None:
+        return None
     return (f"What shape is {color_ref(obj, scene)}?", obj['shape'], ('query', 'cat', 'queryObject'),
             then(refer(obj, scene, 'color'), 'query', 'shape'))
 
 
 def ask_where(scene, rng):
-    obj = rng.choice(scene)
+    if (obj := pick(scene, rng, both_ref)) is None:
+        return None
     return (f"Where is the {obj['color']} {obj['shape']}?", position(obj), ('query', 'rel', 'queryPosition'),
             then(refer(obj, scene, 'both'), 'query', 'position'))
 
@@ -237,7 +285,8 @@ def object_sides(obj):
 
 
 def ask_side(scene, rng):
-    obj = rng.choice(scene)
+    if (obj := pick(scene, rng, both_ref)) is None:
+        return None
     true_sides = object_sides(obj)
     yes = bool(true_sides) and rng.random() < 0.5
     side = rng.choice(true_sides if yes else [s for s in SIDES if s not in true_sides])
@@ -247,13 +296,15 @@ def ask_side(scene, rng):
 
 
 def ask_size(scene, rng):
-    obj = rng.choice(scene)
+    if (obj := pick(scene, rng, both_ref)) is None:
+        return None
     return (f"What size is the {obj['color']} {obj['shape']}?", obj['size'], ('query', 'attr', 'querySize'),
             then(refer(obj, scene, 'both'), 'query', 'size'))
 
 
 def ask_choose(scene, rng):
-    obj = rng.choice(scene)
+    if (obj := pick(scene, rng, shape_ref)) is None:
+        return None
     other = rng.choice([c for c in COLORS if c != obj['color']])
     first, second = rng.sample([obj['color'], other], 2)
     return (f"Is {shape_ref(obj, scene)} {first} or {second}?", obj['color'], ('choose', 'attr', 'chooseAttr'),
@@ -262,6 +313,34 @@ def ask_choose(scene, rng):
 
 GQA_FAMILIES = (ask_exist_object, ask_exist_shape, ask_side, ask_color, ask_shape, ask_where, ask_size, ask_choose)
 INSTRUCT_FAMILIES = GQA_FAMILIES + (ask_count, ask_count_verify)
+
+
+def ask_each(drawn, families, scene, rng):
+    """Each drawn family's question about the scene, in turn (a generator, so the caller's own draws between
+    questions keep their place in the stream). One that cannot ask here (None) gives way to one of `families` not
+    drawn, at random: a crowded lab scene still gets its number of questions; the grid world never needs it."""
+    spare = [ask for ask in families if ask not in drawn]
+    for ask in drawn:
+        asked = ask(scene, rng)
+        while asked is None and spare:
+            asked = spare.pop(rng.randrange(len(spare)))(scene, rng)
+        if asked is not None:
+            yield asked
+
+
+def co_occurring(absent, present, k, rng, cooccurrence):
+    """POPE's adversarial negatives: the k absent categories most often seen with the present ones."""
+    return sorted(absent, key=lambda c: -sum(cooccurrence[p, c] for p in present))[:k]
+
+
+# A world: how its scenes are sampled, drawn and captioned, what POPE calls its objects (category: an object's
+# key, object_name: its words, adversarial: POPE's hard negatives), the families GQA and instruct.json ask, and
+# how the scene is written in words (None: it is not). The writers below take one, so the grid world and the
+# lab (LAB, at the end) are written one way.
+World = namedtuple('World', 'sample draw caption category categories object_name adversarial gqa_families '
+                            'instruct_families in_words')
+GRID = World(sample_scene, draw_scene, caption, lambda o: (o['color'], o['shape']), CATEGORIES, ' '.join, co_occurring,
+             GQA_FAMILIES, INSTRUCT_FAMILIES, scene_words)
 
 
 def instruct_turn(question, answer, rng):
@@ -292,37 +371,29 @@ def write_jsonl(path, records):
         f.writelines(json.dumps(r) + '\n' for r in records)
 
 
-def save_scenes(rng, count, image_px, folder, name):
-    """Draw `count` new scenes into folder/name(i); returns [(file name, scene)]."""
+def save_scenes(rng, count, image_px, folder, name, world=GRID):
+    """Draw `count` new scenes of the world (default: the grid) into folder/name(i); returns [(file name, scene)]."""
     os.makedirs(folder, exist_ok=True)
     saved = []
     for i in range(count):
-        scene = sample_scene(rng, image_px)
-        draw_scene(scene, image_px, background=rng.randint(20, 60)).save(os.path.join(folder, name(i)))
+        scene = world.sample(rng, image_px)
+        world.draw(scene, image_px, background=rng.randint(20, 60)).save(os.path.join(folder, name(i)))
         saved.append((name(i), scene))
     return saved
 
 
-def question_turns(scene, rng, questions_per_image, caption_prob, always=()):
-    """(question, answer) turns about one scene: a few question families, plus each family in `always` that
-    was not drawn (then all in a random order), then a caption turn at caption_prob"""
-    families = rng.sample(INSTRUCT_FAMILIES, rng.randint(*questions_per_image))
+def question_turns(scene, rng, questions_per_image, caption_prob, always=(), world=GRID):
+    """(question, answer) turns about one scene: a few of the world's question families, plus each family in
+    `always` that was not drawn (then all in a random order), then a caption turn at caption_prob"""
+    families = rng.sample(world.instruct_families, rng.randint(*questions_per_image))
     if always:
         families += [ask for ask in always if ask not in families]
         rng.shuffle(families)
-    turns = [instruct_turn(*ask(scene, rng)[:2], rng) for ask in families]
+    turns = [instruct_turn(question, answer, rng)
+             for question, answer, *_ in ask_each(families, world.instruct_families, scene, rng)]
     if rng.random() < caption_prob:
-        turns.append((rng.choice(DESCRIBE), caption(scene)))
+        turns.append((rng.choice(DESCRIBE), world.caption(scene)))
     return turns
-
-
-def scene_words(scene):
-    """The scene as 9 words, one per cell in reading order: 'empty' or '<size>_<color>_<shape>'. One word per
-    object, as one visual token per cell carries the object: what the tiny LM reads in text.json."""
-    words = ['empty'] * 9
-    for obj in scene:
-        words[obj['row'] * 3 + obj['col']] = f"{obj['size']}_{obj['color']}_{obj['shape']}"
-    return ' '.join(words)
 
 
 TEXT_ALWAYS = (ask_where, ask_side)  # position in every text conversation: with 3-5 of 10 families drawn at random,
@@ -345,8 +416,9 @@ def make_text_data(out_dir, rng, num_conversations, questions_per_image, caption
     return text
 
 
-def make_training_data(out_dir, rng, num_images, image_px, questions_per_image, caption_prob):
-    """pretrain.json (captions, stage 1) and instruct.json (multi-turn QA + text-only, stage 2)."""
+def make_training_data(out_dir, rng, num_images, image_px, questions_per_image, caption_prob, mixed_in=()):
+    """pretrain.json (captions, stage 1) and instruct.json (multi-turn QA + text-only, stage 2, shuffled together
+    with the samples mixed_in: the lab's). Returns pretrain and the grid world's instruct samples."""
     pretrain, instruct = [], []
     for file, scene in save_scenes(rng, num_images, image_px, os.path.join(out_dir, 'images'), '{:06d}.png'.format):
         sample_id = file[:-len('.png')]
@@ -359,41 +431,44 @@ def make_training_data(out_dir, rng, num_images, image_px, questions_per_image, 
     for i in range(max(1, num_images // 50)):  # text-only samples, like the ShareGPT part of LLaVA's mix
         turns = [instruct_turn(question, answer, rng) for question, answer in rng.sample(TEXT_ONLY, 2)]
         instruct.append({'id': f'text_{i:05d}', 'conversations': conversation(turns, image=False)})
-    rng.shuffle(instruct)
+    mixed = instruct + list(mixed_in)
+    rng.shuffle(mixed)
     write_json(os.path.join(out_dir, 'pretrain.json'), pretrain)
-    write_json(os.path.join(out_dir, 'instruct.json'), instruct)
+    write_json(os.path.join(out_dir, 'instruct.json'), mixed)
     return pretrain, instruct
 
 
-def pope_negatives(scene, k, split, rng, frequency, cooccurrence):
-    """k absent categories: random, the most frequent ('popular'), or the ones most often seen with the
-    present ones ('adversarial'), as POPE samples its negatives. Ties go to CATEGORIES order."""
-    absent = absent_categories(scene)
+def pope_negatives(scene, k, split, rng, frequency, cooccurrence, world=GRID):
+    """k absent categories: random, the most frequent ('popular'), or the world's adversarial ones, as POPE
+    samples its negatives. Ties go to the order of world.categories."""
+    present = [world.category(o) for o in scene]
+    absent = [c for c in world.categories if c not in present]
     if split == 'random':
         return rng.sample(absent, k)
-    present = [(o['color'], o['shape']) for o in scene]
-    score = {'popular': lambda c: frequency[c],
-             'adversarial': lambda c: sum(cooccurrence[p, c] for p in present)}[split]
-    return sorted(absent, key=lambda c: -score(c))[:k]
+    if split == 'popular':
+        return sorted(absent, key=lambda c: -frequency[c])[:k]
+    return world.adversarial(absent, present, k, rng, cooccurrence)
 
 
-def make_pope(eval_dir, rng, num_images, image_px):
+def make_pope(eval_dir, rng, num_images, image_px, world=GRID):
     """POPE: 'Is there a <object> in the image?' with 3 (or fewer) present objects per image and as
     many absent ones per split; the splits share the positives and differ in the negatives."""
-    images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'pope', 'val2014'), 'pope_{:05d}.png'.format)
+    images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'pope', 'val2014'), 'pope_{:05d}.png'.format,
+                         world)
     frequency, cooccurrence = Counter(), Counter()
     for _, scene in images:
-        categories = [(o['color'], o['shape']) for o in scene]
+        categories = [world.category(o) for o in scene]
         frequency.update(categories)
         cooccurrence.update((a, b) for a in categories for b in categories if a != b)
-    positives = [rng.sample([(o['color'], o['shape']) for o in scene], min(3, len(scene))) for _, scene in images]
+    distinct = [list(dict.fromkeys(world.category(o) for o in scene)) for _, scene in images]  # lab: may repeat
+    positives = [rng.sample(present, min(3, len(present))) for present in distinct]
     questions, question_id = [], 0
     for split in ('random', 'popular', 'adversarial'):
         annotations = []
         for (file, scene), present in zip(images, positives):
-            negatives = pope_negatives(scene, len(present), split, rng, frequency, cooccurrence)
-            for (color, shape), label in [(c, 'yes') for c in present] + [(c, 'no') for c in negatives]:
-                text = f"Is there a {color} {shape} in the image?"
+            negatives = pope_negatives(scene, len(present), split, rng, frequency, cooccurrence, world)
+            for category, label in [(c, 'yes') for c in present] + [(c, 'no') for c in negatives]:
+                text = f"Is there a {world.object_name(category)} in the image?"
                 questions.append({'question_id': question_id, 'image': file, 'text': text + SHORT_ANSWER,
                                   'category': split})
                 annotations.append({'question_id': question_id, 'image': file, 'text': text, 'label': label})
@@ -407,10 +482,11 @@ def program_facts(program, answer):
     """(needs, tells) of a GQA question, as sets of (object id, attribute): what must be known to answer it,
     and what the question and its answer give away: what it refers by and, unless it is a verify answered
     'no', what it asks. A known position tells both sides (hposition, vposition). A question about no object
-    or several (select '-' or 'a,b') needs and tells nothing here, so it entails and is entailed by nothing."""
+    or several (select '-' or 'a,b'), or a count (of however many), needs and tells nothing here, so it entails
+    and is entailed by nothing."""
     select = program[0]['argument']
     ids = select[select.index('(') + 1:-1]
-    if not ids.isdigit():
+    if not ids.isdigit() or program[-1]['operation'].endswith('count'):
         return set(), set()
     i = int(ids)
     refers = {(i, 'shape')} if not select.startswith('object ') else set()
@@ -426,42 +502,50 @@ def program_facts(program, answer):
 
 def answer_choices(program):
     """GQA's choices: the answers that fit the question ('valid') and those that make sense in this world
-    ('plausible'). Every colour, size and position occurs with every shape here, so the two are the same."""
+    ('plausible'). Every colour, size, position (and texture) occurs with every shape here, so the two are the
+    same."""
     last = program[-1]
     if last['operation'] == 'exist' or last['operation'].startswith('verify'):
         valid = ['yes', 'no']
     elif last['operation'].startswith('choose'):
         valid = last['argument'].split('|')
     else:
-        valid = {'color': list(COLORS), 'shape': list(SHAPES), 'size': list(SIZES),
-                 'position': [p for row in POSITIONS for p in row]}[last['argument']]
+        valid = {'color': list(COLORS), 'shape': list(SHAPES), 'size': list(SIZES), 'texture': list(TEXTURES),
+                 'position': [p for row in POSITIONS for p in row],
+                 'number': [str(n) for n in range(len(LAB_NUMBER_WORDS))]}[last['argument']]
     return {'valid': valid, 'plausible': valid}
 
 
 def scene_graph(scene, image_px):
-    """GQA's scene graph of an image: objects by id (index in the scene) with name, box and attributes."""
+    """GQA's scene graph of an image: objects by id (index in the scene) with name, box and attributes (colour,
+    size and, in the lab, texture)."""
     objects = {str(i): {'name': o['shape'], 'x': round(o['x'] - o['radius']), 'y': round(o['y'] - o['radius']),
                         'w': round(2 * o['radius']), 'h': round(2 * o['radius']),
-                        'attributes': [o['color'], o['size']], 'relations': []} for i, o in enumerate(scene)}
+                        'attributes': [o[a] for a in ('color', 'size', 'texture') if a in o], 'relations': []}
+               for i, o in enumerate(scene)}
     return {'width': image_px, 'height': image_px, 'objects': objects}
 
 
-def make_gqa(eval_dir, rng, num_images, image_px, questions_per_image=3):
+def make_gqa(eval_dir, rng, num_images, image_px, questions_per_image=3, world=GRID):
     """GQA-style: LLaVA's question jsonl and GQA's testdev_balanced_questions.json with every field GQA's
     eval.py reads (types, semantic, groups, entailed), plus its choices and scene-graph files. `entailed`
     lists the image's other questions whose answers follow from this one's (program_facts); `groups.global`
     is the kind of answer an open or choose question asks for (GQA's distribution metric), None for yes/no.
-    Also the same questions about the same scenes in words (scene_words, no image): the text step's GQA.
-    Returns the question records of both jsonl files."""
-    images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'gqa', 'images'), 'n{:05d}.png'.format)
+    Also, where the world writes scenes in words (the grid: scene_words), the same questions about the same
+    scenes in words, no image: the text step's GQA. Returns the question records of both jsonl files."""
+    images = save_scenes(rng, num_images, image_px, os.path.join(eval_dir, 'gqa', 'images'), 'n{:05d}.png'.format,
+                         world)
     questions, words_questions, gqa, choices, scenes = [], [], {}, {}, {}
+    families = world.gqa_families
     for file, scene in images:
         image_id, facts = file[:-len('.png')], {}
-        for ask in rng.sample(GQA_FAMILIES, questions_per_image):
-            question, answer, (structural, semantic, detailed), program = ask(scene, rng)
+        drawn = rng.sample(families, questions_per_image)
+        for question, answer, (structural, semantic, detailed), program in ask_each(drawn, families, scene, rng):
             question_id = str(20000000 + len(questions))
             questions.append({'question_id': question_id, 'image': file, 'text': question + SHORT_ANSWER})
-            words_questions.append({'question_id': question_id, 'text': scene_words(scene) + '\n' + question + SHORT_ANSWER})
+            if world.in_words:
+                words_questions.append({'question_id': question_id,
+                                        'text': world.in_words(scene) + '\n' + question + SHORT_ANSWER})
             asks_for = program[-1]['argument'] if structural == 'query' else program[-1]['operation'].split()[-1]
             gqa[question_id] = {'imageId': image_id, 'question': question, 'answer': answer,
                                 'fullAnswer': answer, 'isBalanced': True,
@@ -477,7 +561,8 @@ def make_gqa(eval_dir, rng, num_images, image_px, questions_per_image=3):
         scenes[image_id] = scene_graph(scene, image_px)
     gqa_dir = os.path.join(eval_dir, 'gqa')
     write_jsonl(os.path.join(gqa_dir, 'llava_gqa_testdev_balanced.jsonl'), questions)
-    write_jsonl(os.path.join(gqa_dir, 'llava_gqa_testdev_balanced_words.jsonl'), words_questions)
+    if world.in_words:
+        write_jsonl(os.path.join(gqa_dir, 'llava_gqa_testdev_balanced_words.jsonl'), words_questions)
     write_json(os.path.join(gqa_dir, 'testdev_balanced_questions.json'), gqa)
     write_json(os.path.join(gqa_dir, 'testdev_balanced_choices.json'), choices)
     write_json(os.path.join(gqa_dir, 'testdev_balanced_sceneGraphs.json'), scenes)
@@ -534,15 +619,19 @@ def make_mme(eval_dir, rng, num_images, image_px):
     return questions
 
 
-def build_word_tokenizer(texts):
-    """A word-level HF tokenizer for exactly the words in `texts`: splits on whitespace and punctuation
-    ('Yes.' -> 'Yes', '.'), decodes words joined by spaces with no space before punctuation.
-    eos <|endoftext|> (the phi template's eos), pad <pad>, unk <unk>; no bos, like Phi-2."""
+def build_word_tokenizer(texts, appended_texts=()):
+    """A word-level HF tokenizer for exactly the words in `texts` and `appended_texts`: splits on whitespace and
+    punctuation ('Yes.' -> 'Yes', '.'), decodes words joined by spaces with no space before punctuation.
+    eos <|endoftext|> (the phi template's eos), pad <pad>, unk <unk>; no bos, like Phi-2. Ids: the specials, the
+    words of `texts` sorted, then the other words of `appended_texts` sorted, so that appending (the lab's words)
+    keeps the ids an LM trained without them (weights/shapes-lm) knows."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     pre_tokenizer = pre_tokenizers.Whitespace()
     # each distinct text once: the shapes world's 590 000 turns are 62 000 texts (10 s -> 2 s on a busy core)
-    words = sorted({word for text in set(texts) for word, _ in pre_tokenizer.pre_tokenize_str(text)})
+    words_of = lambda texts: {word for text in set(texts) for word, _ in pre_tokenizer.pre_tokenize_str(text)}
+    words = sorted(words_of(texts))
+    words += sorted(words_of(appended_texts) - set(words))
     vocab = {token: i for i, token in enumerate(['<|endoftext|>', '<pad>', '<unk>'] + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
     tokenizer.pre_tokenizer = pre_tokenizer
@@ -553,21 +642,27 @@ def build_word_tokenizer(texts):
 
 def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_pope_images=80,
                    num_gqa_images=100, num_mme_images=20, image_px=64, questions_per_image=(3, 5), caption_prob=0.5,
-                   num_text_conversations=40000):
+                   num_text_conversations=40000, num_lab_train_images=4000, num_lab_pope_images=200,
+                   num_lab_gqa_images=1000, lab_image_px=128):
     """Write the shapes world, deterministic by seed (each part has its own random stream, so changing
     one size leaves the other parts as they were). Images are image_px-square PNGs of 1-4 non-overlapping
     objects: 4 shapes x 6 colours x 2 sizes in a 3x3 grid of positions. The benchmarks use their own
-    images, none of which is used for training. Layout (eval.py reads it; LLaVA's file names):
+    images, none of which is used for training. Also the lab (the end of this file): lab_image_px-square
+    scenes of 1-8 objects anywhere, with textures, in instruct.json and in harder POPE and GQA under eval/lab;
+    all num_lab_* 0 writes exactly the grid world alone. Layout (eval.py reads it; LLaVA's file names):
 
     out_dir/
       images/NNNNNN.png                     training images (pretrain and instruct share them)
+      images/lab_NNNNNN.png                 the lab's training images (instruct only)
       pretrain.json                         stage 1: captions, LLaVA format [{id, image, conversations}]
       instruct.json                         stage 2: 3-6 turn QA (existence, colour, shape, count, position,
-                                            size) + text-only samples (no "image" key)
+                                            size) + text-only samples (no "image" key), shuffled together with
+                                            the lab's (id lab_NNNNNN: 3-6 turns of LAB_FAMILIES, lab captions)
       text.json                             the tiny LM's pretraining (config/shapes_lm.py): the same kind of
                                             conversations about scenes written as 9 words (scene_words), no images,
                                             each also asking "where" and the side question (TEXT_ALWAYS)
-      tokenizer/                            word-level HF tokenizer (AutoTokenizer.from_pretrained)
+      tokenizer/                            word-level HF tokenizer (AutoTokenizer.from_pretrained): the grid
+                                            world's words, then the lab's new ones (texture words, five-eight...)
       eval/pope/llava_pope_test.jsonl       {question_id (int), image, text, category: random|popular|adversarial}
       eval/pope/coco/coco_pope_{random,popular,adversarial}.json
                                             jsonl {question_id, image, text, label: yes|no}, same question_ids
@@ -594,42 +689,59 @@ def prepare_shapes(out_dir='data/shapes', seed=0, num_train_images=12000, num_po
       eval/mme/MME_Benchmark_release_version/<subtask>/questions_answers_YN/NNNN.txt
                                             two lines 'question<TAB>Yes' and 'question<TAB>No'
                                             subtasks: existence, count, position, color
+      eval/lab/pope/...                     the lab's POPE, eval/pope's files: 'Is there a red circle with
+                                            vertical texture in the image?'; adversarial: a present object with
+                                            one of colour, shape, texture changed
+      eval/lab/gqa/...                      the lab's GQA, eval/gqa's files but the words one; attributes
+                                            [colour, size, texture]; types.detailed names each lab family
+                                            (queryTexture, verifyTexture, verifyBinding, count, verifyCount,
+                                            existDescribed) and the reused grid ones
 
     Question texts in the jsonl files have no '<image>' (eval adds '<image>\\n'); POPE and GQA end with
     LLaVA's "\\nAnswer the question using a single word or phrase.", MME with " Please answer yes or no."."""
     stream = lambda part: random.Random(f'{seed}-{part}')  # str seeds hash deterministically (sha512)
-    eval_dir = os.path.join(out_dir, 'eval')
+    eval_dir, lab_dir = os.path.join(out_dir, 'eval'), os.path.join(out_dir, 'eval', 'lab')
+    lab_instruct = make_lab_instruct(out_dir, stream('lab-train'), num_lab_train_images, lab_image_px,
+                                     questions_per_image, caption_prob)
     pretrain, instruct = make_training_data(out_dir, stream('train'), num_train_images, image_px,
-                                           questions_per_image, caption_prob)
+                                           questions_per_image, caption_prob, mixed_in=lab_instruct)
     text = make_text_data(out_dir, stream('text'), num_text_conversations, questions_per_image, caption_prob)
     pope = make_pope(eval_dir, stream('pope'), num_pope_images, image_px)
     gqa, gqa_words = make_gqa(eval_dir, stream('gqa'), num_gqa_images, image_px)
     mme = make_mme(eval_dir, stream('mme'), num_mme_images, image_px)
+    lab_pope, lab_gqa = [], []  # none: no eval/lab at all, as before the lab
+    if num_lab_pope_images:
+        lab_pope = make_pope(lab_dir, stream('lab-pope'), num_lab_pope_images, lab_image_px, LAB)
+    if num_lab_gqa_images:
+        lab_gqa, _ = make_gqa(lab_dir, stream('lab-gqa'), num_lab_gqa_images, lab_image_px, world=LAB)
     texts = [SYSTEM, 'USER: ASSISTANT:', ' '.join(NUMBER_WORDS), '0 1 2 3 4 5 6 7 8 9']
     texts += [turn['value'] for sample in pretrain + instruct + text for turn in sample['conversations']]
     texts += [q['text'] for q in pope + gqa + gqa_words + mme]
-    tokenizer = build_word_tokenizer(texts)
+    lab_texts = [turn['value'] for sample in lab_instruct for turn in sample['conversations']]
+    lab_texts += [q['text'] for q in lab_pope + lab_gqa]
+    tokenizer = build_word_tokenizer(texts, lab_texts + [LAB_WORDS] if lab_texts else [])
     tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
-    summary = dict(pretrain=len(pretrain), instruct=len(instruct), text=len(text), pope=len(pope), gqa=len(gqa),
-                   mme=len(mme), vocab=len(tokenizer))
+    summary = dict(pretrain=len(pretrain), instruct=len(instruct) + len(lab_instruct), text=len(text), pope=len(pope),
+                   gqa=len(gqa), mme=len(mme), lab_instruct=len(lab_instruct), lab_pope=len(lab_pope),
+                   lab_gqa=len(lab_gqa), vocab=len(tokenizer))
     print(f"wrote {out_dir}: " + ', '.join(f'{k} {v}' for k, v in summary.items()))
     return summary
 
 
 # -----------------------------------------------------------------------------
-# The lab world (opt-in; prepare_shapes and the grid world above do not use it): scenes whose factors need
-# different towers. Anywhere in the image, up to 8 objects, some overlapping, each with a small dark glyph that
-# is sharp at 128 px and blurred at the ViTs' 48 px (blurred, not gone: a logistic regression on 12 x 12 grey
-# pixels centred on each object reads the glyph 97 % of the time at 48 px, 100 % at 96). towers.py pretrains and
-# probes the tiny towers on it.
+# The lab world: scenes whose factors need different towers. Anywhere in the image, up to 8 objects, some
+# overlapping, each with a fine texture of 4-px period at 128 px: 3 px at ConvNeXt's 96, 1.5 px at the ViTs' 48, where
+# the resize blurs most of it away (mostly, not all: a logistic regression on the grey pixels around each object reads
+# the texture 56 % of the time at 48 px, 81 % at 64, 94 % at 96, 98 % at 128; chance 25 %). towers.py pretrains and probes the tiny towers on it; prepare_shapes asks about it (its own
+# question families below) in instruct.json and in harder POPE and GQA benchmarks (eval/lab).
 
-GLYPHS = ('dot', 'bar', 'cross', 'stripes')
+TEXTURES = ('vertical', 'horizontal', 'checked', 'diagonal')
 LAB_MAX_OBJECTS = 8
-GLYPH_INK = (20, 20, 20)
+TEXTURE_INK = (20, 20, 20)
 
 
 def sample_lab_scene(rng, image_px, max_objects=LAB_MAX_OBJECTS):
-    """1-max_objects objects of any colour, shape, size and glyph (repeats allowed), centred anywhere in the
+    """1-max_objects objects of any colour, shape, size and texture (repeats allowed), centred anywhere in the
     image; two centres stay at least 0.75 (r1 + r2) apart, so objects overlap a little but none hides another.
     An object that finds no room in 100 tries is left out (len(scene) is the count). Row/col: the 3x3 cell
     holding the centre, the grid world's position words."""
@@ -644,48 +756,156 @@ def sample_lab_scene(rng, image_px, max_objects=LAB_MAX_OBJECTS):
         else:
             continue
         scene.append(dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES), size=size,
-                          glyph=rng.choice(GLYPHS), radius=radius, x=x, y=y,
+                          texture=rng.choice(TEXTURES), radius=radius, x=x, y=y,
                           row=min(int(3 * y / image_px), 2), col=min(int(3 * x / image_px), 2)))
     return scene
 
 
-def draw_glyph(draw, glyph, x, y, r):
-    """A dark mark inside an object of radius r, 0.45-0.7 r across. Each glyph covers about 0.15 r^2 of ink, so
-    that a blurred glyph tells little by its darkness, only by its layout (strokes and gaps of 0.1-0.2 r: 1-2.5 px at
-    128 px, under one pixel at 48)."""
-    def box(cx, cy, half_w, half_h):
-        draw.rectangle([cx - half_w, cy - half_h, cx + half_w, cy + half_h], fill=GLYPH_INK)
-    if glyph == 'dot':
-        draw.ellipse([x - 0.22 * r, y - 0.22 * r, x + 0.22 * r, y + 0.22 * r], fill=GLYPH_INK)
-    elif glyph == 'bar':
-        box(x, y, 0.35 * r, 0.1 * r)
-    elif glyph == 'cross':
-        box(x, y, 0.3 * r, 0.07 * r)
-        box(x, y, 0.07 * r, 0.3 * r)
-    else:  # stripes: three thin vertical lines
-        for dx in (-0.2 * r, 0, 0.2 * r):
-            box(x + dx, y, 0.04 * r, 0.3 * r)
+@functools.lru_cache(maxsize=None)  # a few dozen sizes: the lab's 5 000 images draw each once
+def texture_mask(texture, side, period):
+    """A side x side alpha mask (PIL 'L') of dark ink: stripes or checks of the given period, half ink, under a
+    round raised-cosine window. Every texture then has the same mean under the same window, so below its period,
+    blurred, each is the same soft grey blob; a hard-edged square would cut each pattern differently at its sides and
+    leave a coarse trace (a pixel probe at 48 px read that 59 % of the time, chance 25 %). Diagonal: the period is
+    across the stripes."""
+    u, v = np.meshgrid(np.arange(side) + 0.5, np.arange(side) + 0.5)
+    half = period / 2
+    ink = {'vertical': (u // half) % 2, 'horizontal': (v // half) % 2,
+           'checked': (u // half + v // half) % 2,
+           'diagonal': ((u + v) / math.sqrt(2) // half) % 2}[texture]
+    rho = np.hypot(u - side / 2, v - side / 2) / (side / 2)
+    window = np.where(rho < 1, np.cos(np.pi * np.minimum(rho, 1) / 2) ** 2, 0)
+    return Image.fromarray((255 * ink * window).round().astype(np.uint8))
 
 
-def draw_lab_scene(scene, image_px, background, supersample=4):
-    """The lab scene as a PIL image: draw_scene's shapes, in list order (later ones on top), each with its glyph
-    (centred on a triangle's inner part, 0.2 r below its centre)."""
+def draw_lab_scene(scene, image_px, background, supersample=4, period_px=4):
+    """The lab scene as a PIL image: draw_scene's shapes, in list order (later ones on top), each with a square of
+    texture 0.9 r across at its centre (a triangle's: 0.3 r lower, in its wider part). The texture's period is
+    4 px at 128 px: 3 px at ConvNeXt's 96, readable; 1.5 px at the ViTs' 48, under the 2 px that pixels can hold,
+    so the resize blurs every texture to the same grey."""
+    period = round(period_px * supersample)
     canvas = Image.new('RGB', (image_px * supersample,) * 2, (background,) * 3)
     draw = ImageDraw.Draw(canvas)
     for obj in scene:
         x, y, r = obj['x'] * supersample, obj['y'] * supersample, obj['radius'] * supersample
         draw_shape(draw, obj['shape'], x, y, r, COLORS[obj['color']])
-        draw_glyph(draw, obj['glyph'], x, y + (0.2 * r if obj['shape'] == 'triangle' else 0), r)
+        side = round(1.2 * r)
+        cy = y + (0.2 * r if obj['shape'] == 'triangle' else 0)
+        canvas.paste(TEXTURE_INK, (round(x - side / 2), round(cy - side / 2)), texture_mask(obj['texture'], side, period))
     return canvas.resize((image_px, image_px), Image.LANCZOS)
 
 
 def lab_caption(scene):
-    """'a large red circle with a dot at the top left and a small blue square with stripes in the center',
+    """'a large red circle with checked texture at the top left and a small blue square with vertical texture in
+    the center',
     objects in reading order of their cells (then left to right)"""
-    article = {'stripes': ''}
-    phrases = [f"a {o['size']} {o['color']} {o['shape']} with {article.get(o['glyph'], 'a ')}{o['glyph']} {place(o)}"
+    phrases = [f"a {o['size']} {o['color']} {o['shape']} with {o['texture']} texture {place(o)}"
                for o in sorted(scene, key=lambda o: (o['row'], o['col'], o['x']))]
     return ' and '.join(phrases)
+
+
+
+# Lab questions: a texture (only a tower that sees 96 px or more reads it), which colour goes with which shape
+# (binding), counts up to 8 in crowded scenes, and objects named by all three of colour, shape and texture. An
+# object is named by a description that is unique in its scene (pick); colours, shapes and textures repeat here.
+
+LAB_CATEGORIES = [(color, shape, texture) for color, shape in CATEGORIES for texture in TEXTURES]  # lab POPE's objects
+LAB_WORDS = ' '.join(('with', 'texture') + TEXTURES + LAB_NUMBER_WORDS)  # in the tokenizer whenever the lab is
+
+
+def lab_category(obj):
+    return obj['color'], obj['shape'], obj['texture']
+
+
+def lab_object_name(category):
+    """('red', 'circle', 'vertical') -> 'red circle with vertical texture'"""
+    color, shape, texture = category
+    return f"{color} {shape} with {texture} texture"
+
+
+def near_misses(absent, present):
+    """The absent categories one attribute away from a present one: the lab's hard negatives, which a model that
+    sees colour, shape and texture but not which object has which calls present. Every present category has 11
+    neighbours and at most 7 other objects stand by it, so there are always at least 4."""
+    return [c for c in absent if any(sum(a != b for a, b in zip(c, p)) == 1 for p in present)]
+
+
+def one_changed(absent, present, k, rng, cooccurrence):
+    """The lab POPE's adversarial negatives: k near misses at random (POPE's co-occurrence says little here,
+    every category being as likely as any other in any scene)."""
+    return rng.sample(near_misses(absent, present), k)
+
+
+def ask_texture(scene, rng):
+    if (obj := pick(scene, rng, both_ref)) is None:
+        return None
+    return (f"What texture does {both_ref(obj, scene)} have?", obj['texture'], ('query', 'attr', 'queryTexture'),
+            then(refer(obj, scene, 'both'), 'query', 'texture'))
+
+
+def ask_texture_verify(scene, rng):
+    if (obj := pick(scene, rng, both_ref)) is None:
+        return None
+    yes = rng.random() < 0.5
+    texture = obj['texture'] if yes else rng.choice([t for t in TEXTURES if t != obj['texture']])
+    return (f"Does {both_ref(obj, scene)} have {texture} texture?", 'yes' if yes else 'no',
+            ('verify', 'attr', 'verifyTexture'), then(refer(obj, scene, 'both'), 'verify texture', texture))
+
+
+def ask_binding(scene, rng):
+    """'Is the red object a circle?' about the only red object, or 'Is the circle red?' about the only circle. A
+    'no' names a shape (colour) that another object here has, where one does: seeing which colours and which
+    shapes are in the image, and not which goes with which, then tells nothing."""
+    for named_by, asked in rng.sample([('color', 'shape'), ('shape', 'color')], 2):
+        named = [o for o in scene if sum(p[named_by] == o[named_by] for p in scene) == 1]
+        if named:
+            break
+    else:
+        return None
+    obj = rng.choice(named)
+    yes = rng.random() < 0.5
+    elsewhere = [o[asked] for o in scene if o[asked] != obj[asked]]
+    value = obj[asked] if yes else rng.choice(elsewhere or [v for v in {'color': COLORS, 'shape': SHAPES}[asked]
+                                                            if v != obj[asked]])
+    question = (f"Is the {obj['color']} object a {value}?" if named_by == 'color' else
+                f"Is the {obj['shape']} {value}?")
+    return (question, 'yes' if yes else 'no', ('verify', 'attr', 'verifyBinding'),
+            then(refer(obj, scene, named_by), f'verify {asked}', value))
+
+
+def ask_exist_described(scene, rng):
+    """'Is there a red circle with vertical texture in the image?' (lab POPE's question); half of the negatives are
+    near misses, one attribute away from an object in the image."""
+    present = [lab_category(o) for o in scene]
+    if rng.random() < 0.5:
+        category, answer = rng.choice(present), 'yes'
+    else:
+        absent = [c for c in LAB_CATEGORIES if c not in present]
+        category, answer = rng.choice(near_misses(absent, present) if rng.random() < 0.5 else absent), 'no'
+    color, shape, texture = category
+    found = [o for o in scene if lab_category(o) == category]
+    program = [step('select', f"{shape} ({object_ids(found, scene)})"), step('filter color', color, 0),
+               step('filter texture', texture, 1), step('exist', '?', 2)]
+    return f"Is there a {lab_object_name(category)} in the image?", answer, ('verify', 'obj', 'existDescribed'), program
+
+
+# the lab's own families, then the grid's that stay right on lab scenes (they name objects through pick; 'where'
+# and the sides read the cell of the centre; counts go up to 8)
+LAB_FAMILIES = (ask_texture, ask_texture_verify, ask_binding, ask_exist_described, ask_count, ask_count_verify,
+                ask_exist_object, ask_exist_shape, ask_side, ask_color, ask_shape, ask_where, ask_size, ask_choose)
+LAB = World(sample_lab_scene, draw_lab_scene, lab_caption, lab_category, LAB_CATEGORIES, lab_object_name, one_changed,
+            LAB_FAMILIES, LAB_FAMILIES, None)
+
+
+def make_lab_instruct(out_dir, rng, num_images, image_px, questions_per_image, caption_prob):
+    """The lab's stage-2 samples, which make_training_data shuffles into instruct.json: images/lab_NNNNNN.png,
+    each with a few LAB_FAMILIES questions (as many as a grid image gets) and, at caption_prob, a lab caption."""
+    instruct = []
+    images = save_scenes(rng, num_images, image_px, os.path.join(out_dir, 'images'), 'lab_{:06d}.png'.format, LAB)
+    for file, scene in images:
+        turns = question_turns(scene, rng, questions_per_image, caption_prob, world=LAB)
+        instruct.append({'id': file[:-len('.png')], 'image': file, 'conversations': conversation(turns, image=True)})
+    return instruct
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from types import SimpleNamespace
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -1343,7 +1344,8 @@ def test_collate_pads_right_and_masks(word_tokenizer):
 # -----------------------------------------------------------------------------
 # the shapes world
 
-SMALL = dict(num_train_images=30, num_pope_images=12, num_gqa_images=8, num_mme_images=3, num_text_conversations=30)
+SMALL = dict(num_train_images=30, num_pope_images=12, num_gqa_images=8, num_mme_images=3, num_text_conversations=30,
+             num_lab_train_images=6, num_lab_pope_images=3, num_lab_gqa_images=3)
 
 
 @pytest.fixture(scope='module')
@@ -1369,6 +1371,9 @@ def test_prepare_shapes_is_deterministic_and_complete(shapes_dir, tmp_path):
     expected += [f'eval/mme/MME_Benchmark_release_version/{subtask}/{kind}/0000.{ext}'
                  for subtask in ('existence', 'count', 'position', 'color')
                  for kind, ext in (('images', 'png'), ('questions_answers_YN', 'txt'))]
+    expected += ['images/lab_000000.png', 'eval/lab/pope/llava_pope_test.jsonl', 'eval/lab/pope/val2014/pope_00000.png',
+                 'eval/lab/gqa/llava_gqa_testdev_balanced.jsonl', 'eval/lab/gqa/testdev_balanced_questions.json']
+    expected += [f'eval/lab/pope/coco/coco_pope_{split}.json' for split in ('random', 'popular', 'adversarial')]
     assert set(expected) <= set(files)
     shapes.prepare_shapes(str(tmp_path / 'other'), seed=1, **SMALL)
     assert not filecmp.cmp(shapes_dir / 'pretrain.json', tmp_path / 'other' / 'pretrain.json', shallow=False)
@@ -1971,6 +1976,7 @@ def test_evaluate_shapes_writes_results_json_with_all_three_scores(tmp_path):
                                  batch_size=4, max_new_tokens=2)
     with open(tmp_path / 'out' / 'results.json') as f:
         assert json.load(f) == results
+    assert list(results) == ['pope', 'gqa', 'mme']  # no eval/lab here (an older shapes.py): the lab's are skipped
     # POPE per split: bright -> yes (TP), dark -> no (FN): precision 100, recall 50, F1 66.7
     assert results['pope']['f1_avg'] == pytest.approx(200 / 3) and results['pope']['num_missing'] == 0
     assert (results['gqa']['accuracy'], results['gqa']['binary'], results['gqa']['open']) == (50.0, 100.0, 0.0)
@@ -1986,7 +1992,7 @@ def test_evaluate_shapes_writes_results_json_with_all_three_scores(tmp_path):
 def small_shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp('shapes') / 'shapes'
     shapes.prepare_shapes(str(root), seed=0, num_train_images=48, num_pope_images=4, num_gqa_images=4, num_mme_images=2,
-                          num_text_conversations=40)
+                          num_text_conversations=40, num_lab_train_images=8, num_lab_pope_images=2, num_lab_gqa_images=2)
     return root
 
 
@@ -2090,9 +2096,19 @@ def test_export_llm_saves_the_trained_llm_as_a_folder_that_config_shapes_loads(s
     MoCHA(MoCHAConfig(encoders=('siglip',), encoder_source='tiny', llm=str(out / 'llm'), llm_source='pretrained',
                       tokenizer=str(small_shapes / 'tokenizer'), template='phi'))
     shapes.build_word_tokenizer(['a changed world']).save_pretrained(tmp_path / 'other')
-    with pytest.raises(ValueError, match='another vocabulary than the one the llm .* was trained with'):
+    with pytest.raises(ValueError, match='does not keep the ids of the vocabulary the llm .* was trained with'):
         MoCHA(MoCHAConfig(encoders=('siglip',), encoder_source='tiny', llm=str(out / 'llm'), llm_source='pretrained',
                           tokenizer=str(tmp_path / 'other'), template='phi'))
+    # words appended after the LLM's own (the lab world's) keep every old id: the embedding and the head grow by
+    # those rows, the old rows as trained
+    extended = AutoTokenizer.from_pretrained(out / 'llm')
+    extended.add_tokens(['zigzag', 'octagon'])
+    extended.save_pretrained(tmp_path / 'extended')
+    grown = MoCHA(MoCHAConfig(encoders=('siglip',), encoder_source='tiny', llm=str(out / 'llm'), llm_source='pretrained',
+                              tokenizer=str(tmp_path / 'extended'), template='phi')).llm
+    old_rows = trained['llm.model.embed_tokens.weight']
+    assert grown.get_input_embeddings().weight.shape[0] == len(old_rows) + 2 == grown.get_output_embeddings().weight.shape[0]
+    assert torch.equal(grown.get_input_embeddings().weight[:len(old_rows)], old_rows)
 
 
 def test_config_shapes_starts_from_the_shipped_text_pretrained_lm():
@@ -2727,20 +2743,26 @@ def test_lab_scenes_are_seeded_spaced_and_count_up_to_eight():
     for scene in scenes:
         for i, a in enumerate(scene):
             assert a['radius'] <= a['x'] <= 128 - a['radius'] and a['radius'] <= a['y'] <= 128 - a['radius']
-            assert a['glyph'] in shapes.GLYPHS and (a['row'], a['col']) == (int(3 * a['y'] / 128), int(3 * a['x'] / 128))
+            assert a['texture'] in shapes.TEXTURES and (a['row'], a['col']) == (int(3 * a['y'] / 128), int(3 * a['x'] / 128))
             for b in scene[i + 1:]:  # overlap allowed, but never more than a quarter of the two radii
                 assert math.hypot(a['x'] - b['x'], a['y'] - b['y']) >= 0.75 * (a['radius'] + b['radius'])
 
 
-def test_lab_glyphs_are_drawn_dark_inside_their_object():
-    obj = dict(color='yellow', shape='square', size='large', glyph='dot', radius=13, x=64, y=64, row=1, col=1)
-    for glyph in shapes.GLYPHS:
-        pixels = shapes.draw_lab_scene([dict(obj, glyph=glyph)], 128, background=40).load()
-        assert sum(pixels[64, 64]) < 250  # every glyph darkens the centre (stripes: the middle line, 1 px)
-        corner = pixels[64 + 7, 64 + 7]  # inside the square, off the glyph: the object's colour (LANCZOS rings a little)
-        assert all(abs(a - b) <= 25 for a, b in zip(corner, shapes.COLORS['yellow']))
-    dot, bar = (shapes.draw_lab_scene([dict(obj, glyph=g)], 128, background=40) for g in ('dot', 'bar'))
-    assert dot.tobytes() != bar.tobytes()
+def test_lab_textures_differ_in_layout_and_not_in_their_mean():
+    """Each texture is half ink under the same window: the four differ pixel by pixel at 128 px, but the object's
+    centre has the same mean colour under each (within 1 of 255), so a resize that blurs the period away leaves
+    no coarse trace of which texture it was (towers.py's probe matrix measures what each tower still reads)."""
+    obj = dict(color='yellow', shape='square', size='large', texture='vertical', radius=13, x=64, y=64, row=1, col=1)
+    drawn = {t: np.asarray(shapes.draw_lab_scene([dict(obj, texture=t)], 128, background=40)).astype(float)
+             for t in shapes.TEXTURES}
+    centres = {t: image[56:73, 56:73] for t, image in drawn.items()}
+    means = [c.mean() for c in centres.values()]
+    assert max(means) - min(means) < 1
+    assert all(c.std() > 60 for c in centres.values())  # ink and colour alternate
+    for a, b in itertools.combinations(shapes.TEXTURES, 2):
+        assert np.abs(centres[a] - centres[b]).mean() > 10
+    corner = drawn['vertical'][64 + 10, 64 + 10]  # inside the square, off the window: the object's colour
+    assert all(abs(a - b) <= 25 for a, b in zip(corner, shapes.COLORS['yellow']))
 
 
 def test_captions_tokenize_within_the_context():
@@ -2749,17 +2771,37 @@ def test_captions_tokenize_within_the_context():
     tokens = towers.tokenize([towers.tower_caption(scene)], vocab)
     words = [vocab[i] for i in tokens[0] if i > 0]
     assert words[-1] == '<eos>' and ' '.join(words[:-1]) == towers.tower_caption(scene)
-    longest = [dict(size='small', color='red', shape='circle', glyph='dot', row=2, col=0, x=0)] * shapes.LAB_MAX_OBJECTS
+    longest = [dict(size='small', color='red', shape='circle', texture='diagonal', row=2, col=0, x=0)] * shapes.LAB_MAX_OBJECTS
     assert towers.tokenize([towers.tower_caption(longest)], vocab).count_nonzero() == towers.CONTEXT_LENGTH
+
+
+def test_twins_differ_in_one_fact_and_closeups_hold_one_large_object():
+    """lab_twin: the hard negative of the image-text losses changes exactly one colour, shape or texture of one
+    object; sample_closeup: one object, 0.2-0.35 of the image in radius, inside the image."""
+    rng = random.Random(0)
+    changed = Counter()
+    for _ in range(300):
+        scene = shapes.sample_lab_scene(rng, 128)
+        twin = towers.lab_twin(scene, rng)
+        diffs = [(k, a[k], b[k]) for a, b in zip(scene, twin) for k in a if a[k] != b[k]]
+        assert len(twin) == len(scene) and len(diffs) == 1 and diffs[0][0] in ('color', 'shape', 'texture')
+        changed[diffs[0][0]] += 1
+    assert min(changed.values()) > 60  # each fact about a third of the time
+    for _ in range(50):
+        (obj,) = towers.sample_closeup(rng, 128)
+        assert 0.2 * 128 <= obj['radius'] <= 0.35 * 128 and obj['radius'] <= obj['x'] <= 128 - obj['radius']
+        assert (obj['row'], obj['col']) == (min(int(3 * obj['y'] / 128), 2), min(int(3 * obj['x'] / 128), 2))
 
 
 @pytest.fixture(scope='module')
 def pretrained_towers(tmp_path_factory):
-    """Each tower pretrained TOWER_STEPS steps on 16 lab scenes (batch 8) and saved: {name: (losses, folder)}."""
+    """Each tower pretrained TOWER_STEPS steps on 16 lab scenes and their twins (batch 8: 4 and their 4 twins), half
+    of them close-ups, and saved: {name: (losses, folder)}."""
     torch.manual_seed(0)
-    images, scenes = towers.render_lab(0, 16, 64)
+    images, (scenes, twins) = towers.render_lab(0, 16, 64, twins=True, closeup_fraction=0.5)
+    assert images.shape == (2, 16, 3, 64, 64)
     vocab = towers.caption_vocab()
-    tokens = towers.tokenize([towers.tower_caption(s) for s in scenes], vocab)
+    tokens = torch.stack([towers.tokenize([towers.tower_caption(s) for s in some], vocab) for some in (scenes, twins)])
     out = tmp_path_factory.mktemp('towers')
     result = {}
     for name in ENCODER_ORDER:
@@ -2827,3 +2869,239 @@ def test_probe_matrix_runs_on_a_tiny_set(pretrained_towers, capsys):
     assert all(set(r) == set(towers.FACTORS) and all(0 <= a <= 100 for a in r.values()) for r in rows.values())
     towers.print_matrix(rows)
     assert 'block structure' in capsys.readouterr().out
+
+# -----------------------------------------------------------------------------
+# The lab's questions, benchmarks (eval/lab) and training conversations (shapes.py), and their scoring (eval.py)
+
+NO_LAB = dict(num_lab_train_images=0, num_lab_pope_images=0, num_lab_gqa_images=0)
+COLOR, SHAPE, TEXTURE = ('|'.join(names) for names in (shapes.COLORS, shapes.SHAPES, shapes.TEXTURES))
+
+
+@pytest.fixture(scope='module')
+def lab_shapes(tmp_path_factory):
+    """Grid sizes that say every word of the grid world (so the tokenizer's first 173 ids are weights/shapes-lm's),
+    small lab sizes: 2 s."""
+    root = tmp_path_factory.mktemp('lab') / 'shapes'
+    shapes.prepare_shapes(str(root), seed=0, num_train_images=100, num_pope_images=2, num_gqa_images=2, num_mme_images=1,
+                          num_text_conversations=300, num_lab_train_images=20, num_lab_pope_images=6,
+                          num_lab_gqa_images=30)
+    return root
+
+
+def lab_answer(question, scene):
+    """The answer to a lab question worked out from the scene by the question's words alone; every object a
+    question names must be the only one that fits its words."""
+    def only(**attributes):
+        found = [o for o in scene if all(o[k] == v for k, v in attributes.items())]
+        assert len(found) == 1, (question, attributes, scene)
+        return found[0]
+    count = lambda **attributes: sum(all(o[k] == v for k, v in attributes.items()) for o in scene)
+    yes = lambda holds: 'yes' if holds else 'no'
+    numbers = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight')
+    rules = [
+        (rf"What texture does the ({COLOR}) ({SHAPE}) have", lambda c, s: only(color=c, shape=s)['texture']),
+        (rf"Does the ({COLOR}) ({SHAPE}) have ({TEXTURE}) texture", lambda c, s, t: yes(only(color=c, shape=s)['texture'] == t)),
+        (rf"Is the ({COLOR}) object a ({SHAPE})", lambda c, s: yes(only(color=c)['shape'] == s)),
+        (rf"Is the ({SHAPE}) ({COLOR})", lambda s, c: yes(only(shape=s)['color'] == c)),
+        (rf"Is there a ({COLOR}) ({SHAPE}) with ({TEXTURE}) texture in the image",
+         lambda c, s, t: yes(count(color=c, shape=s, texture=t) > 0)),
+        (rf"Is there a ({COLOR}) ({SHAPE}) in the image", lambda c, s: yes(count(color=c, shape=s) > 0)),
+        (rf"Is there a ({SHAPE}) in the image", lambda s: yes(count(shape=s) > 0)),
+        (r"How many objects are there", lambda: str(len(scene))),
+        (rf"How many ({SHAPE})s are there", lambda s: str(count(shape=s))),
+        (rf"How many ({COLOR}) objects are there", lambda c: str(count(color=c))),
+        (rf"Is there only one ({SHAPE}) in the image", lambda s: yes(count(shape=s) == 1)),
+        (rf"Are there (\w+) ({SHAPE})s in the image", lambda n, s: yes(count(shape=s) == numbers.index(n))),
+        (rf"Where is the ({COLOR}) ({SHAPE})", lambda c, s: shapes.position(only(color=c, shape=s))),
+        (rf"What size is the ({COLOR}) ({SHAPE})", lambda c, s: only(color=c, shape=s)['size']),
+        (rf"Is the ({COLOR}) ({SHAPE}) (on the left side|on the right side|at the top|at the bottom) of the image",
+         lambda c, s, side: yes({'on the left side': only(color=c, shape=s)['col'] == 0,
+                                 'on the right side': only(color=c, shape=s)['col'] == 2,
+                                 'at the top': only(color=c, shape=s)['row'] == 0,
+                                 'at the bottom': only(color=c, shape=s)['row'] == 2}[side])),
+    ]
+    for pattern, rule in rules:
+        if match := re.fullmatch(pattern + r'\?', question):
+            return rule(*match.groups())
+    return None  # a grid family the rules above leave out (colour, shape, choose: named as in the grid world)
+
+
+def test_lab_questions_are_answered_by_their_scenes_and_yes_no_is_balanced():
+    """Every lab family (and the reused grid ones that name objects the lab's way) on 150 crowded scenes, 3 seeds:
+    the answer follows from the scene; the yes/no ones say yes about half the time; a binding 'no' names a shape
+    (colour) that another object has, where one has another; a 'no' to a full description is often a near miss."""
+    asked_by_type, yes, checked, plausible_no, near_no = Counter(), Counter(), Counter(), [], []
+    for seed in range(3):
+        rng = random.Random(seed)
+        for _ in range(150):
+            scene = shapes.sample_lab_scene(rng, 128)
+            for ask in shapes.LAB_FAMILIES:
+                asked = ask(scene, rng)
+                if asked is None:
+                    continue
+                question, answer, (structural, _, detailed), program = asked
+                expected = lab_answer(question, scene)
+                assert expected in (answer, None), (question, answer, expected, scene)
+                asked_by_type[detailed] += 1
+                checked[detailed] += expected is not None
+                if structural == 'verify':
+                    yes[detailed] += answer == 'yes'
+                    if detailed == 'verifyBinding' and answer == 'no':
+                        asked_for = program[-1]['operation'].split()[1]
+                        named = scene[int(program[0]['argument'].split('(')[1].rstrip(')'))]
+                        others = {o[asked_for] for o in scene} - {named[asked_for]}
+                        plausible_no.append(not others or program[-1]['argument'] in others)
+                    if detailed == 'existDescribed' and answer == 'no':
+                        named = re.fullmatch(rf"Is there a ({COLOR}) ({SHAPE}) with ({TEXTURE}) texture in the image\?",
+                                             question).groups()
+                        near_no.append(any(sum(a != b for a, b in zip(named, shapes.lab_category(o))) == 1
+                                           for o in scene))
+    lab_types = ('queryTexture', 'verifyTexture', 'verifyBinding', 'existDescribed', 'count', 'verifyCount')
+    assert all(checked[t] >= 100 for t in lab_types + ('queryPosition', 'verifyPosition', 'existAttrC')), checked
+    for detailed, n in yes.items():  # the side question: 'no' about an object in the middle cell
+        assert 0.35 < n / asked_by_type[detailed] < 0.65 or detailed == 'verifyPosition', (detailed, n, asked_by_type)
+    assert all(plausible_no) and 0.3 < sum(near_no) / len(near_no) < 0.8
+    counts = [int(a) for a in (shapes.ask_count(shapes.sample_lab_scene(random.Random(s), 128), random.Random(s))[1]
+                               for s in range(400))]
+    assert max(counts) == 8
+
+
+def test_lab_families_skip_what_they_cannot_name_and_the_image_still_gets_its_questions():
+    """Two red circles and nothing else: no family can name one of them, so the texture, binding, colour and
+    where questions give way (None) and the questions that name no object stand in for them."""
+    twins = [dict(color='red', shape='circle', size='small', texture=t, radius=9, x=x, y=20, row=0, col=0)
+             for t, x in (('vertical', 12), ('checked', 30))]
+    for ask in (shapes.ask_texture, shapes.ask_texture_verify, shapes.ask_binding, shapes.ask_color, shapes.ask_where):
+        assert ask(twins, random.Random(0)) is None
+    rng = random.Random(0)
+    for _ in range(20):
+        drawn = rng.sample(shapes.LAB_FAMILIES, 3)
+        asked = list(shapes.ask_each(drawn, shapes.LAB_FAMILIES, twins, rng))
+        assert len(asked) == 3 and all(lab_answer(q, twins) in (a, None) for q, a, *_ in asked)
+
+
+def test_lab_pope_labels_follow_the_scenes_and_adversarial_negatives_are_near_misses(tmp_path):
+    """Up to 3 distinct present descriptions per image and as many absent ones per split; adversarial: a present
+    object with exactly one of colour, shape and texture changed (and then absent)."""
+    scenes = []
+    def recorded(rng, image_px):
+        scenes.append(shapes.sample_lab_scene(rng, image_px))
+        return scenes[-1]
+    shapes.make_pope(str(tmp_path), random.Random(0), 40, 128, shapes.LAB._replace(sample=recorded))
+    scene_of = {f'pope_{i:05d}.png': scene for i, scene in enumerate(scenes)}
+    for split in ('random', 'popular', 'adversarial'):
+        per_image = Counter()
+        for label in read_jsonl(tmp_path / f'pope/coco/coco_pope_{split}.json'):
+            scene = scene_of[label['image']]
+            present = {(o['color'], o['shape'], o['texture']) for o in scene}
+            asked = re.fullmatch(rf"Is there a ({COLOR}) ({SHAPE}) with ({TEXTURE}) texture in the image\?",
+                                 label['text']).groups()
+            assert (asked in present) == (label['label'] == 'yes')
+            if split == 'adversarial' and label['label'] == 'no':
+                assert any(sum(a != b for a, b in zip(asked, p)) == 1 for p in present), (asked, present)
+            per_image[label['image'], label['label']] += 1
+        for image, scene in scene_of.items():
+            distinct = len({(o['color'], o['shape'], o['texture']) for o in scene})
+            assert per_image[image, 'yes'] == per_image[image, 'no'] == min(3, distinct)
+
+
+def test_lab_benchmarks_are_written_in_the_official_formats(lab_shapes):
+    """eval/lab/pope and eval/lab/gqa hold eval/pope's and eval/gqa's files with their fields (the official scorers'),
+    GQA's scene graphs give each object its texture, and eval.py's scorers read them unchanged."""
+    files = ev.shapes_files(str(lab_shapes))
+    pope = files['lab_pope']
+    questions = read_jsonl(pope['question_file'])
+    for q in questions:
+        assert set(q) == {'question_id', 'image', 'text', 'category'} and isinstance(q['question_id'], int)
+        assert q['text'].endswith(shapes.SHORT_ANSWER)
+        assert os.path.isfile(os.path.join(pope['image_folder'], q['image']))
+    gold = []
+    for split in ev.POPE_SPLITS:
+        labels = read_jsonl(os.path.join(pope['annotation_dir'], f'coco_pope_{split}.json'))
+        assert all(set(a) == {'question_id', 'image', 'text', 'label'} for a in labels)
+        assert [a['question_id'] for a in labels] == [q['question_id'] for q in questions if q['category'] == split]
+        gold += labels
+    assert len({q['question_id'] for q in questions}) == len(questions) == len(gold)
+    assert ev.score_pope([answer(a['question_id'], a['label'].capitalize()) for a in gold], pope['question_file'],
+                         pope['annotation_dir'])['f1_avg'] == 100
+    gqa = files['lab_gqa']
+    questions = read_jsonl(gqa['question_file'])
+    entries, choices, graphs = (json.loads((lab_shapes / f'eval/lab/gqa/testdev_balanced_{name}.json').read_text())
+                                for name in ('questions', 'choices', 'sceneGraphs'))
+    assert [q['question_id'] for q in questions] == list(entries) == list(choices) and len(questions) == 3 * 30
+    assert not (lab_shapes / 'eval/lab/gqa/llava_gqa_testdev_balanced_words.jsonl').exists()  # lab scenes have no words
+    for q in questions:
+        entry = entries[q['question_id']]
+        assert set(entry) == {'imageId', 'question', 'answer', 'fullAnswer', 'isBalanced', 'types', 'semantic',
+                              'groups', 'entailed'}
+        assert q['image'] == entry['imageId'] + '.png' and os.path.isfile(os.path.join(gqa['image_folder'], q['image']))
+        assert set(entry['types']) == {'structural', 'semantic', 'detailed'}
+        assert set(entry['groups']) == {'global', 'local'}
+        assert entry['answer'] in choices[q['question_id']]['valid']
+        assert all(set(s) == {'operation', 'argument', 'dependencies'} and all(d < i for d in s['dependencies'])
+                   for i, s in enumerate(entry['semantic']))
+    for graph in graphs.values():
+        assert graph['width'] == graph['height'] == 128
+        assert all(len(o['attributes']) == 3 and o['attributes'][2] in shapes.TEXTURES
+                   for o in graph['objects'].values())
+    scores = ev.score_gqa([answer(qid, e['answer']) for qid, e in entries.items()], gqa['questions_json'])
+    assert scores['accuracy'] == 100
+    lab_types = {'queryTexture', 'verifyTexture', 'verifyBinding', 'existDescribed', 'count', 'verifyCount'}
+    assert lab_types <= set(scores['by_type'])
+
+
+def test_lab_tokenizer_keeps_the_shipped_lms_ids_and_appends_the_labs_words(lab_shapes):
+    ours = AutoTokenizer.from_pretrained(str(lab_shapes / 'tokenizer'))
+    shipped = AutoTokenizer.from_pretrained('weights/shapes-lm').get_vocab()
+    vocab = ours.get_vocab()
+    assert len(shipped) == 173 and {w: i for w, i in vocab.items() if i < len(shipped)} == shipped
+    appended = sorted(vocab, key=vocab.get)[len(shipped):]
+    assert appended == sorted(appended)
+    assert {*shapes.TEXTURES, 'texture', 'five', 'six', 'seven', 'eight'} <= set(appended)
+    instruct = json.loads((lab_shapes / 'instruct.json').read_text())
+    lab = [s for s in instruct if s['id'].startswith('lab_')]
+    assert len(lab) == 20 and len(instruct) == 20 + 102  # shuffled in among the grid world's 100 + 2 text-only
+    for sample in lab:
+        assert Image.open(lab_shapes / 'images' / sample['image']).size == (128, 128)
+        assert 3 <= len(sample['conversations']) // 2 <= 6
+        for turn in sample['conversations']:
+            assert ours.unk_token_id not in ours(turn['value'])['input_ids']
+
+
+def test_lab_sizes_zero_write_todays_grid_world_and_the_lab_leaves_it_alone(shapes_dir, tmp_path):
+    """With every lab size 0 prepare_shapes writes what it wrote before the lab (md5 of SMALL's files at seed 0,
+    written by shapes.py before the lab); with the lab, every grid file is the same but instruct.json, which holds
+    the same grid samples shuffled among the lab's, and the tokenizer."""
+    import hashlib
+    shapes.prepare_shapes(str(tmp_path), seed=0, **dict(SMALL, **NO_LAB))
+    md5 = lambda name: hashlib.md5((tmp_path / name).read_bytes()).hexdigest()
+    assert md5('instruct.json') == 'd7c0a6550638dddb066b2ffbe28b84b1'
+    assert md5('eval/gqa/testdev_balanced_questions.json') == 'c285fb0e7d8c144165d63f63d9cf5ab8'
+    assert md5('eval/pope/llava_pope_test.jsonl') == 'f020f59c308828e9610a2cfc6cd1c374'
+    grid = all_files(tmp_path)
+    assert not [f for f in grid if f.startswith('eval/lab') or 'lab_' in f]
+    assert [f for f in all_files(shapes_dir) if not f.startswith('eval/lab/') and 'lab_' not in f] == grid
+    assert all(filecmp.cmp(shapes_dir / f, tmp_path / f, shallow=False) for f in grid
+               if f not in ('instruct.json', 'tokenizer/tokenizer.json'))
+    without_lab = [s for s in json.loads((shapes_dir / 'instruct.json').read_text()) if not s['id'].startswith('lab_')]
+    assert sorted(without_lab, key=lambda s: s['id']) == sorted(json.loads((tmp_path / 'instruct.json').read_text()),
+                                                                  key=lambda s: s['id'])
+
+
+def test_evaluate_shapes_scores_the_labs_benchmarks_by_default(lab_shapes, tmp_path):
+    """The stand-in model says 'no' to every (dark) lab image: lab POPE 50 % on every split, lab GQA right on the
+    yes/no questions whose answer is no; by_type shows each lab question type, the table its own rows."""
+    tokenizer = make_tokenizer()
+    results = ev.evaluate_shapes(FakeMoCHA(tokenizer), tokenizer, str(lab_shapes), str(tmp_path), batch_size=32,
+                                 max_new_tokens=2)
+    assert list(results) == ['pope', 'gqa', 'mme', 'lab_pope', 'lab_gqa']
+    assert all(results['lab_pope'][split]['accuracy'] == 50 for split in ev.POPE_SPLITS)
+    gold = json.loads((lab_shapes / 'eval/lab/gqa/testdev_balanced_questions.json').read_text())
+    binary = [q['answer'] for q in gold.values() if q['types']['structural'] != 'query']
+    assert results['lab_gqa']['binary'] == pytest.approx(100 * binary.count('no') / len(binary))
+    texture = [q['answer'] == 'no' for q in gold.values() if q['types']['detailed'] == 'verifyTexture']
+    assert results['lab_gqa']['by_type']['verifyTexture'] == pytest.approx(100 * sum(texture) / len(texture))
+    assert results['lab_gqa']['by_type']['queryTexture'] == 0
+    table = ev.results_table(results)
+    assert 'LAB POPE   F1 (mean of splits)' in table and 'LAB GQA    queryTexture accuracy' in table
+    assert (tmp_path / 'lab' / 'testdev_balanced_predictions.json').is_file()

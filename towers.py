@@ -4,8 +4,11 @@ The lab's tiny towers, each pretrained with its own family's objective, and the 
 The paper's four encoders differ because their objectives do: CLIP and SigLIP match images to captions (softmax
 and sigmoid losses), DINOv2 matches augmented views of an image to each other (self-distillation, no text), and
 the ConvNeXt is an open_clip CLIP model trained at a higher resolution. Random tiny towers carry the same
-information as one another; these carry what their objective asked for. All train on the lab world
-(shapes.sample_lab_scene: up to 8 objects anywhere, each with a glyph sharp at 128 px, blurred at 48).
+information as one another; these carry what their objective asked for, and what their resolution lets them see.
+All train on the lab world (shapes.sample_lab_scene: up to 8 objects anywhere, each with a fine texture whose
+period, 3 px at ConvNeXt's 96 px, is 1.5 px at the ViTs' 48, where the resize blurs it away), half of the scenes
+close-ups of one object. The image-text towers see each scene beside its twin (lab_twin: one fact changed), so their
+captions can only be matched by every fact the tower can see.
 
     python towers.py                       # pretrain all four into weights/towers/<name>/
     python towers.py --tower=clip          # one of them
@@ -43,38 +46,72 @@ probe = False                  # True: print the probe matrix instead of pretrai
 out_dir = 'weights/towers'
 seed = 0
 image_px = 128                 # the lab world's renders; the ViTs see them at 48 px, ConvNeXt at 96
-encoder_resolution = (48, 96, 48, 48)  # siglip, convnext, clip, dinov2: ConvNeXt's 96 px shows the glyphs the ViTs'
-                               # 48 px blur, on the same 3 x 3 token grid (stride 32)
+encoder_resolution = (48, 96, 48, 48)  # siglip, convnext, clip, dinov2: ConvNeXt's 96 px shows the textures the ViTs'
+                               # 48 px blur, on the same 3 x 3 token grid (stride 32), as config/shapes.py reads them
 num_scenes = 4000              # pretraining scenes, rendered once and shared by all towers
-tower_steps = (600, 300, 600, 600)      # optimizer steps, in ENCODER_ORDER: a ConvNeXt step at 96 px costs ~6x a ViT's.
-                               # Fragile: 900 ConvNeXt steps (lr 1e-3 or 2e-3) collapsed to loss log B near step 250;
-                               # the 300-step run of 2026-12-04 did not (3.86 -> 2.37). No clipping or larger batch tried yet.
+closeup_fraction = 0.5         # of them one large object (sample_closeup)
+tower_steps = (1500, 2400, 1500, 1000)  # optimizer steps, in ENCODER_ORDER: a ConvNeXt step at 96 px costs ~6x a
+                               # ViT's. Without gradient clipping ConvNeXt collapsed to loss log B near step 250
+                               # (lr 1e-3 and 2e-3), and so did CLIP's ViT at 2e-3
 tower_batch_size = (64, 32, 64, 64)
-learning_rate = 1e-3           # at 2e-3 the CLIP ViT's loss stayed at log B (collapsed); at 1e-3 it falls 4.24 -> 0.62
+tower_learning_rate = (1e-3, 2e-3, 1e-3, 1e-3)  # with clipping; ConvNeXt's 2e-3 learnt faster
 weight_decay = 0.05
+max_grad_norm = 1.0            # the image-text towers' gradient clipping (open_clip's --grad-clip-norm); 0 = off
 embed_dim = 64                 # the contrastive towers' joint image-text space (the ConvNeXt: open_clip's tiny 32)
 dino_prototypes = 256          # K, the DINO head's output dimension
 num_probe_scenes = 2000        # probe set: 3/4 train, 1/4 held out, its own scenes
 threads = 0                    # torch threads; 0 = torch's default
 
-CONTEXT_LENGTH = 56            # 8 objects x 6 words (size colour shape glyph, 1-2 position words) + 7 commas + <eos>
+CONTEXT_LENGTH = 56            # 8 objects x 6 words (size colour shape texture, 1-2 position words) + 7 commas + <eos>
 
 # -----------------------------------------------------------------------------
 # data: lab scenes as one uint8 tensor, their captions as word ids
 
 
-def render_lab(seed, count, image_px):
-    """count lab scenes, deterministic by seed: images uint8 [count, 3, S, S] and the scene dicts."""
+def render_lab(seed, count, image_px, twins=False, closeup_fraction=0.0):
+    """count lab scenes, deterministic by seed: images uint8 [count, 3, S, S] and the scene dicts. closeup_fraction
+    of them are close-ups (sample_closeup). twins=True also renders each scene's twin (lab_twin, on the same
+    background): images [2, count, 3, S, S], scenes (originals, twins)."""
     rng = random.Random(seed)
-    scenes = [shapes.sample_lab_scene(rng, image_px) for _ in range(count)]
-    images = np.stack([np.asarray(shapes.draw_lab_scene(s, image_px, background=rng.randint(20, 60))) for s in scenes])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes
+    scenes = [sample_closeup(rng, image_px) if rng.random() < closeup_fraction else shapes.sample_lab_scene(rng, image_px)
+              for _ in range(count)]
+    backgrounds = [rng.randint(20, 60) for _ in scenes]
+    twin_scenes = [lab_twin(s, rng) for s in scenes] if twins else []
+
+    def draw(some):
+        return np.stack([np.asarray(shapes.draw_lab_scene(s, image_px, background=b)) for s, b in zip(some, backgrounds)])
+    images = torch.from_numpy(draw(scenes)).permute(0, 3, 1, 2).contiguous()
+    if not twins:
+        return images, scenes
+    return torch.stack([images, torch.from_numpy(draw(twin_scenes)).permute(0, 3, 1, 2)]), (scenes, twin_scenes)
+
+
+def sample_closeup(rng, image_px):
+    """One large object, 0.2-0.35 of the image in radius, anywhere: a close-up, as web images often are, where a
+    texture spans a dozen periods instead of two or three."""
+    obj = shapes.sample_lab_scene(rng, image_px, max_objects=1)[0]
+    radius = image_px * rng.uniform(0.2, 0.35)
+    x, y = rng.uniform(radius, image_px - radius), rng.uniform(radius, image_px - radius)
+    return [dict(obj, size='large', radius=radius, x=x, y=y,
+                 row=min(int(3 * y / image_px), 2), col=min(int(3 * x / image_px), 2))]
+
+
+def lab_twin(scene, rng):
+    """The scene with one object's colour, shape or texture changed: a hard negative for the image-text losses
+    (NegCLIP's idea). In a batch of unrelated scenes a caption is matched by its coarsest facts; next to its twin,
+    only by the one changed fact, so each tower learns every fact it can see (the ViTs cannot see texture at 48 px,
+    and their loss keeps those twins apart by chance)."""
+    twin = [dict(o) for o in scene]
+    obj = rng.choice(twin)
+    factor, values = rng.choice([('color', list(shapes.COLORS)), ('shape', shapes.SHAPES), ('texture', shapes.TEXTURES)])
+    obj[factor] = rng.choice([v for v in values if v != obj[factor]])
+    return twin
 
 
 def caption_vocab():
     """Every word a lab caption can hold, with <pad> = 0 and <eos> last: the highest id, where open_clip's text
     tower pools (argmax of the ids) and CLIPTextModel finds it by eos_token_id."""
-    words = [*shapes.SIZES, *shapes.COLORS, *shapes.SHAPES, *shapes.GLYPHS, ',',
+    words = [*shapes.SIZES, *shapes.COLORS, *shapes.SHAPES, *shapes.TEXTURES, ',',
              *' '.join(p for row in shapes.POSITIONS for p in row).split()]
     return ['<pad>'] + sorted(set(words)) + ['<eos>']
 
@@ -82,7 +119,7 @@ def caption_vocab():
 def tower_caption(scene):
     """The towers' caption: shapes.lab_caption's facts without its filler words, which only lengthen the text tower's
     sequence (and its cost): 'large red circle dot top left , small blue square stripes center'."""
-    return ' , '.join(f"{o['size']} {o['color']} {o['shape']} {o['glyph']} {shapes.position(o)}"
+    return ' , '.join(f"{o['size']} {o['color']} {o['shape']} {o['texture']} {shapes.position(o)}"
                       for o in sorted(scene, key=lambda o: (o['row'], o['col'], o['x'])))
 
 
@@ -194,9 +231,13 @@ def lr_at(step, total, lr):
 
 
 def pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed, log_every=50):
-    """CLIP, SigLIP or ConvNeXt on (image, caption) pairs. Returns (the model whose vision tower is kept, losses)."""
+    """CLIP, SigLIP or ConvNeXt on (image, caption) pairs: images uint8 [2, N, 3, S, S] and tokens [2, N, L], the
+    scenes and their twins; each batch is B/2 scenes and their B/2 twins. Returns (the model whose vision tower is
+    kept, losses)."""
     torch.manual_seed(seed)
-    pixels = torch.cat([tower_pixels(images[i:i + 500], name, resolution) for i in range(0, len(images), 500)])  # once
+    flat = images.flatten(0, 1)
+    pixels = torch.cat([tower_pixels(flat[i:i + 500], name, resolution) for i in range(0, len(flat), 500)])  # once
+    pixels, tokens = pixels.view(*images.shape[:2], *pixels.shape[1:]), tokens.view(*images.shape[:2], -1)
     model, encode_image, encode_text = build_contrastive(name, vocab_size, resolution)
     log_scale = nn.Parameter(torch.tensor(math.log(10.0) if name == 'siglip' else math.log(1 / 0.07)))
     bias = nn.Parameter(torch.tensor(-10.0))
@@ -210,13 +251,16 @@ def pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, ba
     for step in range(steps):
         for group in optimizer.param_groups:
             group['lr'] = lr_at(step, steps, lr)
-        idx = torch.randint(len(images), (batch_size,), generator=batches)
-        image_embeds = F.normalize(encode_image(pixels[idx]), dim=-1)                                # [B, D]
-        text_embeds = F.normalize(encode_text(tokens[idx]), dim=-1)                                   # [B, D]
+        idx = torch.randint(images.shape[1], (batch_size // 2,), generator=batches)
+        image_embeds = F.normalize(encode_image(pixels[:, idx].flatten(0, 1)), dim=-1)               # [B, D]
+        text_embeds = F.normalize(encode_text(tokens[:, idx].flatten(0, 1)), dim=-1)                  # [B, D]
         loss = (siglip_loss(image_embeds, text_embeds, log_scale, bias) if name == 'siglip'
                 else clip_loss(image_embeds, text_embeds, log_scale))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]['params'] + optimizer.param_groups[1]['params'],
+                                           max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
         if log_every and (step % log_every == 0 or step == steps - 1):
@@ -349,7 +393,7 @@ def pretrain_tower(name, images, tokens, vocab_size, resolution, steps, batch_si
     """One tower with its family's objective; saved to folder when given. Returns (model, losses, seconds)."""
     start = time.time()
     if name == 'dinov2':
-        model, losses = pretrain_dino(images, resolution, steps, batch_size, lr, seed, dino_prototypes)
+        model, losses = pretrain_dino(images.flatten(0, 1), resolution, steps, batch_size, lr, seed, dino_prototypes)
     else:
         model, losses = pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed)
     seconds = time.time() - start
@@ -364,18 +408,18 @@ def pretrain_tower(name, images, tokens, vocab_size, resolution, steps, batch_si
 # -----------------------------------------------------------------------------
 # the probe matrix: logistic regressions on frozen tokens, held-out accuracy per tower and factor
 
-FACTORS = ('color', 'shape', 'size', 'glyph', 'position', 'count', 'binding')
+FACTORS = ('color', 'shape', 'size', 'texture', 'position', 'count', 'binding')
 
 
 def object_labels(scenes, image_px):
-    """One row per object: its scene's index, centre (x, y) in [0, 1), and its colour, shape, size, glyph ids."""
+    """One row per object: its scene's index, centre (x, y) in [0, 1), and its colour, shape, size, texture ids."""
     rows = [(i, o['x'] / image_px, o['y'] / image_px, list(shapes.COLORS).index(o['color']),
-             shapes.SHAPES.index(o['shape']), shapes.SIZES.index(o['size']), shapes.GLYPHS.index(o['glyph']))
+             shapes.SHAPES.index(o['shape']), shapes.SIZES.index(o['size']), shapes.TEXTURES.index(o['texture']))
             for i, scene in enumerate(scenes) for o in scene]
     columns = list(zip(*rows))
     return dict(scene=torch.tensor(columns[0]), x=torch.tensor(columns[1]), y=torch.tensor(columns[2]),
                 color=torch.tensor(columns[3]), shape=torch.tensor(columns[4]), size=torch.tensor(columns[5]),
-                glyph=torch.tensor(columns[6]))
+                texture=torch.tensor(columns[6]))
 
 
 def binding_labels(scenes):
@@ -432,7 +476,7 @@ def fit_probe(train_x, train_y, test_x, test_y, weight_decay=1e-3, mask=None, te
 
 def probe_tower(tokens, objects, has_pair, has_both, counts, num_train_scenes):
     """Held-out accuracy of one tower's tokens [N, T, d] on each factor.
-    Object factors (colour, shape, size, glyph, position) read the token whose patch holds the object's centre, for
+    Object factors (colour, shape, size, texture, position) read the token whose patch holds the object's centre, for
     the objects whose patch holds no other object's centre (a shared token would answer for two; with every tower
     on a 3 x 3 grid these are the same objects for all). 'position' is finer than the grid: which
     quadrant of that patch holds the centre (the patch itself is known from the token's place in the sequence).
@@ -448,7 +492,7 @@ def probe_tower(tokens, objects, has_pair, has_both, counts, num_train_scenes):
     quadrant = 2 * ((objects['y'] * grid - row) >= 0.5).long() + ((objects['x'] * grid - col) >= 0.5).long()
     train_objects = alone & (objects['scene'] < num_train_scenes)
     test_objects = alone & (objects['scene'] >= num_train_scenes)
-    labels = dict(color=objects['color'], shape=objects['shape'], size=objects['size'], glyph=objects['glyph'],
+    labels = dict(color=objects['color'], shape=objects['shape'], size=objects['size'], texture=objects['texture'],
                   position=quadrant)
     accuracy = {f: fit_probe(object_tokens[train_objects], y[train_objects], object_tokens[test_objects], y[test_objects])
                 for f, y in labels.items()}
@@ -465,7 +509,7 @@ def chance_levels(objects, has_pair, has_both, counts, num_train_scenes):
     def majority(train_y, test_y):
         return 100 * (test_y == train_y.mode().values).float().mean().item()
     train_objects, test_objects = objects['scene'] < num_train_scenes, objects['scene'] >= num_train_scenes
-    chance = {f: majority(objects[f][train_objects], objects[f][test_objects]) for f in ('color', 'shape', 'size', 'glyph')}
+    chance = {f: majority(objects[f][train_objects], objects[f][test_objects]) for f in ('color', 'shape', 'size', 'texture')}
     chance['position'] = 25.0
     chance['count'] = majority(counts[:num_train_scenes], counts[num_train_scenes:])
     pair_rate = has_pair[:num_train_scenes][has_both[:num_train_scenes]].mean().item()
@@ -524,13 +568,14 @@ if __name__ == '__main__':
         print(f"probe matrix in {time.time() - start:.0f} s ({torch.get_num_threads()} threads)")
     else:
         start = time.time()
-        images, scenes = render_lab(seed, num_scenes, image_px)
+        images, (scenes, twin_scenes) = render_lab(seed, num_scenes, image_px, twins=True,
+                                                   closeup_fraction=closeup_fraction)  # [2, N, 3, S, S]
         vocab = caption_vocab()
-        tokens = tokenize([tower_caption(s) for s in scenes], vocab)
+        tokens = torch.stack([tokenize([tower_caption(s) for s in some], vocab) for some in (scenes, twin_scenes)])
         print(f"rendered {num_scenes} lab scenes at {image_px} px in {time.time() - start:.0f} s")
         for name in names:
             i = ENCODER_ORDER.index(name)
             _, losses, seconds = pretrain_tower(name, images, tokens, len(vocab), resolution[name], tower_steps[i],
-                                                tower_batch_size[i], learning_rate, seed, os.path.join(out_dir, name))
+                                                tower_batch_size[i], tower_learning_rate[i], seed, os.path.join(out_dir, name))
             print(f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {seconds:.0f} s "
                   f"({torch.get_num_threads()} threads), saved to {os.path.join(out_dir, name)}", flush=True)

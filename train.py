@@ -43,7 +43,7 @@ log_interval = 10          # optimizer steps
 save_interval = 1000       # optimizer steps; the end of the run always saves; 0 = only the end
 stop_at_step = 0           # stop (and save) after this many steps, as if the job were killed; 0 = never
 eval_shapes_at_end = False # score the shapes benchmarks with eval.py when training ends
-shapes_benchmarks = 'pope,gqa,mme'  # which ones (eval.SHAPES_BENCHMARKS; 'gqa_words': GQA about scenes in words)
+shapes_benchmarks = 'pope,gqa,mme,lab_pope,lab_gqa'  # which ones (eval.SHAPES_BENCHMARKS; 'gqa_words': GQA about scenes in words)
 export_llm = False         # when training ends, also save the LLM alone, HF format, to out_dir/llm (config/shapes_lm.py)
 merge_lora = False         # when a LoRA run ends, also save out_dir/merged: the adapters folded into the LLM's weights,
                            # a plain checkpoint (MoCHA.merge_lora; for a finished run's ckpt, the README's one-liner)
@@ -71,6 +71,7 @@ group_by_length = 0        # batches of samples of about the same length, sorted
 stage = 1                  # 1: MoECs (align); 2: MoECs + LLM (instruct)
 encoders = ENCODER_ORDER
 encoder_source = 'pretrained'
+encoder_paths = {}         # name -> local folder (or HF id / open_clip tag) in place of the public weights
 encoder_resolution = 336    # one side for every encoder, or a tuple in ENCODER_ORDER
 image_size = 336
 train_encoders = False
@@ -193,7 +194,7 @@ if eval_shapes_at_end and not dry_run:  # the benchmarks' files are checked now,
                                     f"an older shapes.py? delete {os.path.dirname(data_json)} and run `python shapes.py`)")
 
 model_config = MoCHAConfig(
-    encoders=tuple(encoders), encoder_source=encoder_source,
+    encoders=tuple(encoders), encoder_source=encoder_source, encoder_paths=dict(encoder_paths),
     encoder_resolution=dict(zip(ENCODER_ORDER, encoder_resolution if isinstance(encoder_resolution, tuple)
                                 else (encoder_resolution,) * len(ENCODER_ORDER))), image_size=image_size,
     feature_layer=feature_layer, train_encoders=train_encoders, fusion=fusion,
@@ -201,8 +202,8 @@ model_config = MoCHAConfig(
     z_coef=z_coef, llm=llm, llm_source=llm_source, llm_layers=llm_layers, tokenizer=tokenizer or None,
     template=template, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, connector=connector,
     mova_base=mova_base, mova_blocks=mova_blocks, mova_top_k=mova_top_k, mova_pool=mova_pool)
-ARCHITECTURE = ('encoders', 'encoder_source', 'encoder_resolution', 'image_size', 'feature_layer', 'fusion',
-                'num_experts', 'top_k', 'hga', 'k_intra', 'k_inter', 'llm', 'llm_source', 'llm_layers', 'connector',
+ARCHITECTURE = ('encoders', 'encoder_source', 'encoder_paths', 'encoder_resolution', 'image_size', 'feature_layer',
+                'fusion', 'num_experts', 'top_k', 'hga', 'k_intra', 'k_inter', 'llm', 'llm_source', 'llm_layers', 'connector',
                 'mova_base', 'mova_blocks', 'mova_top_k', 'mova_pool')
 LORA = ('lora_rank', 'lora_alpha', 'lora_dropout')  # a stage-1 checkpoint gets adapters in stage 2; a resumed run
                                                     # keeps its own

@@ -18,9 +18,12 @@ eval_shapes_at_end = True
 template = 'phi'
 image_aspect = 'pad'           # stage 2's (the scenes are square: nothing to pad)
 stage = 2                      # MoECs + LLM (+ encoders); a stage 1 first (MoECs alone) is not tried yet
-encoder_source = 'tiny'
-encoder_resolution = (48, 64, 48, 48)  # siglip, convnext, clip, dinov2: ViT tokens on the scene's 3x3 grid
-image_size = 64
+encoder_source = 'pretrained'  # the lab's tiny towers, each pretrained with its family's objective (towers.py)
+encoder_paths = {'siglip': 'weights/towers/siglip', 'convnext': 'weights/towers/convnext',
+                 'clip': 'weights/towers/clip', 'dinov2': 'weights/towers/dinov2'}
+encoder_resolution = (48, 96, 48, 48)  # siglip, convnext, clip, dinov2: 3x3 tokens each; ConvNeXt at twice the
+                               # ViTs' resolution, as the paper's (768 against 336-384), sees the lab's textures
+image_size = 128               # the lab's images (the grid world's 64-px ones are scaled up)
 train_encoders = False
 encoder_lr_scale = 0.01           # when trained (--train_encoders=True): at the full rate they never help
 llm = 'weights/shapes-lm'      # the shipped text-pretrained tiny LM, with the tokenizer it was trained with
