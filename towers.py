@@ -380,8 +380,9 @@ def save_tower(name, model, folder, vocab_size, resolution, record):
         with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
             json.dump({'model_cfg': convnext_config(vocab_size, resolution),
                        'preprocess_cfg': {'mean': list(CLIP_MEAN), 'std': list(CLIP_STD)}}, f, indent=1)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  os.path.join(folder, 'open_clip_model.safetensors'))
+        # float16 on disk (7 MB instead of 14: the trunk is 3.4 M weights); loading casts back to float32
+        save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+                   for k, v in model.state_dict().items()}, os.path.join(folder, 'open_clip_model.safetensors'))
     else:
         vision = model['vision'] if name != 'dinov2' else model
         vision.save_pretrained(folder)

@@ -1,15 +1,16 @@
 # The shapes world's image step, the Quick Start: a tiny MoCHA (the four encoder families as tiny towers,
 # MoECs E=4 k=2, HGA, a tiny Llama-style LM) trained in stage 2 on data/shapes/instruct.json on 2 CPU cores,
-# then scored on the held-out shapes POPE / GQA / MME. docs/shapes.md says why each value is what it is.
-#   python train.py config/shapes.py      # about 4.5 min on 2 idle cores: data, 1 100 steps, the scores
+# then scored on the held-out shapes POPE / GQA / MME and the lab's POPE / GQA. docs/shapes.md says why each value
+# is what it is.
+#   python train.py config/shapes.py      # data, 900 steps, the scores (time: README)
 # The LM is the tiny Llama after its text step, shipped in weights/shapes-lm (config/shapes_lm.py's output;
 # that command rebuilds it in 19 min, then --llm=out/shapes-lm/llm names the rebuilt one). From it every seed
 # tried learns to check the image for a named object ("is there a red circle?") within the 1 100 steps; from a
 # random LM, whether and when a run learnt that varied from seed to seed (docs/log.md).
-# The tiny encoders have no pretrained weights: they stay random and frozen, as the real configs freeze theirs.
-# Random, they already carry an object's colour, shape and cell (a linear probe on its own SigLIP token: 93 %,
-# 98 %, 100 %). Trained at the full learning rate the model never learns to use the image; at 1/100
-# (--train_encoders=True) it reaches what frozen ones reach, more slowly (docs/log.md).
+# The towers are the lab's (weights/towers, 8 MB, `python towers.py` rebuilds them in about 30 min): tiny SigLIP,
+# ConvNeXt, CLIP and DINOv2, each pretrained with its family's objective on lab scenes and frozen, as the real
+# configs freeze theirs (docs/lab.md has their probe matrix; --encoder_source=tiny gives random ones instead).
+# The data mixes the grid world (its POPE, GQA, MME) with the lab's crowded, textured scenes (lab POPE, lab GQA).
 out_dir = 'out/shapes'
 prepare_shapes_data = True
 data_json = 'data/shapes/instruct.json'
@@ -32,13 +33,14 @@ tokenizer = 'data/shapes/tokenizer'
 max_length = 512
 learning_rate = 1e-3           # 3e-3, 5e-4: val LM loss 0.61, 0.53 vs 0.47 at 500 steps (frozen enc.)
 batch_size = 16
-epochs = 3                     # 11 995 samples after the held-out 2 %, 2 247 steps, but cut at max_steps:
-max_steps = 1100               # from the shipped LM every seed clears every target by then (docs/results.md)
+epochs = 3                     # cut at max_steps
+max_steps = 900                # with the lab's samples and towers a step costs about a fifth more than the grid
+                               # world's alone did; 900 keeps the Quick Start near 5 minutes (docs/lab.md)
 num_workers = 1
 log_interval = 20
 save_interval = 200
-val_fraction = 0.02            # 245 of the 12 240 samples held out: the validation loss every eval_interval
-eval_interval = 275            # 4 validations in 1 100 steps (every 100: 7 more, about 17 s); they do not
+val_fraction = 0.02            # 325 of the 16 240 samples held out: the validation loss every eval_interval
+eval_interval = 225            # 4 validations in 900 steps (every 100: 5 more, about 12 s); they do not
                                # change training (220 steps with and without: the same losses and weights)
 device = 'cpu'
 dtype = 'float32'              # bf16 autocast is slow on CPUs
