@@ -14,14 +14,14 @@ captions can only be matched by every fact the tower can see.
     python towers.py --tower=clip          # one of them
     python towers.py --probe=True          # held-out linear-probe accuracy, pretrained and random towers
 
-Measured on 2 cores shared with another job's tests (load 2-5), 2026-12-04 (not shipped yet: they do not pass the
-probe matrix's test of block structure in spirit; docs/log.md): 14 s to render the scenes, then
-siglip 334 s, convnext 234 s, clip 26 s, dinov2 46 s (pretrain.json in each folder); the spread is mostly the other
-load (a ViT step took 0.05 s on quiet cores, 0.8 s on busy ones). The probe matrix: 40-100 s.
+Measured on 2 cores, 2026-12-04, the ViTs one after another beside the ConvNeXt (pretrain.json in each folder):
+40-80 s to render the scenes and twins, then siglip 183 s, convnext 1 249 s, clip 158 s, dinov2 154 s. The probe
+matrix: about 30 s. The shipped towers and their matrix: docs/lab.md (no tower reads the texture, ConvNeXt included).
 
 Each folder loads as a real checkpoint does: mocha.Encoders(names, 'pretrained', paths={name: folder}) (HF
 save_pretrained folders of the vision model for siglip, clip, dinov2; an open_clip 'local-dir:' folder, the whole
-CLIP model, for convnext). Only the vision towers are kept: text towers, projections and heads are dropped.
+CLIP model in float16, for convnext, of which Encoder keeps the trunk). The ViTs' text towers, projections and
+heads are dropped.
 """
 import copy
 import json
