@@ -2149,7 +2149,7 @@ def test_an_invalid_option_stops_every_process_with_a_clear_error(small_shapes, 
     assert result.stderr.count("parallel must be one of ('ddp', 'fsdp'), got 'dpp'") >= 2  # both ranks
 
 
-ENTRY_POINTS = ('train.py', 'eval.py', 'bench.py', 'shapes.py', 'ablate.py', 'plot.py', 'mova.py')
+ENTRY_POINTS = ('train.py', 'eval.py', 'bench.py', 'shapes.py', 'ablate.py', 'plot.py', 'mova.py', 'towers.py')
 
 
 def config_names(script):
@@ -2860,6 +2860,24 @@ def test_saved_towers_load_through_encoders_as_checkpoints(pretrained_towers):
     torch.manual_seed(1)
     random_tokens = Encoders(list(paths), 'tiny', TOWER_RESOLUTION)(images)
     assert not torch.allclose(tokens[2], random_tokens[2])
+
+
+def test_config_shapes_loads_the_shipped_towers_by_path():
+    """config/shapes.py's encoders are the shipped pretrained towers (weights/towers), loaded as real checkpoints are:
+    each gives 3 x 3 tokens of width 64 on a 128-px scene at its resolution, in float32 (ConvNeXt's file is float16),
+    and each folder says how it was made."""
+    config = {}
+    exec(open('config/shapes.py').read(), {}, config)
+    assert config['encoder_source'] == 'pretrained' and config['image_size'] == 128
+    resolution = dict(zip(ENCODER_ORDER, config['encoder_resolution']))
+    encoders = Encoders(list(config['encoder_paths']), 'pretrained', resolution, paths=config['encoder_paths'])
+    assert all(p.dtype == torch.float32 for p in encoders.parameters())
+    tokens = encoders(towers.render_lab(7, 2, 128)[0])
+    assert [t.shape for t in tokens] == [(2, 9, 64)] * 4 and all(torch.isfinite(t).all() for t in tokens)
+    for name, folder in config['encoder_paths'].items():
+        with open(os.path.join(folder, 'pretrain.json')) as f:
+            record = json.load(f)
+        assert record['resolution'] == resolution[name] and record['last_loss'] < record['first_loss']
 
 
 def test_probe_matrix_runs_on_a_tiny_set(pretrained_towers, capsys):
