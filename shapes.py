@@ -805,9 +805,10 @@ def lab_caption(scene):
 
 
 
-# Lab questions: a texture (only a tower that sees 96 px or more reads it), which colour goes with which shape
-# (binding), counts up to 8 in crowded scenes, and objects named by all three of colour, shape and texture. An
-# object is named by a description that is unique in its scene (pick); colours, shapes and textures repeat here.
+# Lab questions: a texture (in the pixels at 96 px and up, mostly not at 48; no tower has learnt it yet: docs/lab.md),
+# which colour goes with which shape (binding), counts up to 8 in crowded scenes, and objects named by all three of
+# colour, shape and texture. An object is named by a description that is unique in its scene (pick); colours,
+# shapes and textures repeat here.
 
 LAB_CATEGORIES = [(color, shape, texture) for color, shape in CATEGORIES for texture in TEXTURES]  # lab POPE's objects
 LAB_WORDS = ' '.join(('with', 'texture') + TEXTURES + LAB_NUMBER_WORDS)  # in the tokenizer whenever the lab is
