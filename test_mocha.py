@@ -2001,7 +2001,8 @@ def run_train(shapes, out_dir, *overrides, nproc=1, with_output=False):
             f'--image_folder={shapes}/images', f'--tokenizer={shapes}/tokenizer', '--prepare_shapes_data=False',
             '--eval_shapes_at_end=False', '--num_workers=0', '--batch_size=4', '--max_steps=3',
             '--log_interval=1', '--train_encoders=False', '--template=plain', '--stage=1', '--val_fraction=0.0',
-            '--llm=tiny', '--llm_source=tiny', *overrides]
+            '--llm=tiny', '--llm_source=tiny', '--encoder_source=tiny', '--encoder_resolution=(48, 64, 48, 48)',
+            '--image_size=64', *overrides]  # random tiny towers, as cheap as they come: these runs test the loop
     if nproc == 1:
         command = [sys.executable, 'train.py', *args]
     else:
@@ -2221,7 +2222,7 @@ def test_dry_run_shows_the_template_and_fails_on_skipped_samples(small_shapes, l
     result = run_dry(f'--data_json={small_shapes}/instruct.json', f'--image_folder={small_shapes}/images',
                      f'--tokenizer={small_shapes}/tokenizer')
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert '31 visual tokens per image' in result.stdout and '|ASSISTANT|:|⟦' in result.stdout
+    assert '36 visual tokens per image' in result.stdout and '|ASSISTANT|:|⟦' in result.stdout
     assert 'length with visual tokens: min' in result.stdout
     Image.new('RGB', (8, 8)).save(tmp_path / 'a.png')
     long_question = 'What is shown here? ' * 60

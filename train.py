@@ -117,7 +117,7 @@ parallel = 'ddp'           # 'ddp' | 'fsdp'
 gradient_checkpointing = True
 seed = 1337
 config_keys = [k for k, v in globals().items()  # the lower-case globals above (constants are upper-case)
-               if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple))]
+               if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, dict))]
 defaults = {k: globals()[k] for k in config_keys}
 exec(open('configurator.py').read())  # overrides from config/*.py and --key=value
 config = {k: globals()[k] for k in config_keys}  # what the checkpoint records: the config, no run-time state
