@@ -14,6 +14,7 @@ sequence fusion in Figure 5. docs/ablations.md sets the miniature's table beside
     python ablate.py --quick=True                           # full, mlp, hga_off, siglip
     python ablate.py --variants=mlp,full --seeds=0,1 --jobs=2
     python ablate.py --variants=full --seeds=0,1 --max_steps=50   # any other --key=value goes to train.py
+    python ablate.py --variants=full,mova,mova_routed,mova_oracle  # MoVA beside MoCHA (docs/mova.md)
 
 Every run starts from config/shapes.py's llm, the tiny LM pretrained on text that the repo ships
 (weights/shapes-lm), as the paper's ablations share one LLM: the seeds vary the image step alone.
@@ -63,6 +64,14 @@ VARIANTS = {
     # MoVA beside MoCHA (mova.py): the MoV-Adapter over CLIP's 3x3 tokens (unpooled: pooling would leave one), every
     # expert on; not a paper ablation but the other design on the same encoders, LM, data and budget
     'mova': ['--connector=mova', '--mova_pool=1'],
+    # MoVA's coarse routing: the 'mova' run of the same seed labels 2 000 training samples by MoVA's rule (the experts
+    # that alone lower the answer's loss), and a new run of the same budget trains on them with their routing
+    # conversations mixed in, then answers in two passes, the LLM routing first
+    'mova_routed': ['--connector=mova', '--mova_pool=1', '--routing_from={out_dir}/mova/seed{seed}/ckpt',
+                    '--routing_samples=2000', '--eval_route=llm'],
+    # the same weights, routed by the lab's oracle instead (towers.oracle_experts: per factor the question names, the
+    # expert the probe matrix reads it best with): an eval.py run, no training
+    'mova_oracle': ['eval.py', '--ckpt_dir={out_dir}/mova_routed/seed{seed}/ckpt', '--route=oracle'],
     # the towers: random tiny ones of the same architectures in place of the pretrained ones (towers.py); not in
     # the paper, the lab's own control: what pretraining the towers gives
     'towers_random': ['--encoder_source=tiny'],
@@ -107,6 +116,10 @@ METRICS = {
     'lab_texture': ('lab_gqa', 'by_type', 'queryTexture'),   # "What texture does the red circle have?"
     'lab_binding': ('lab_gqa', 'by_type', 'verifyBinding'),  # "Is the red object a circle?"
     'lab_count': ('lab_gqa', 'by_type', 'count'),            # up to 8
+    'ms_per_answer': None,  # lab GQA's answering time per question, both passes for routed MoVA (runs share the cores)
+    # routed MoVA: how often its routing picks exactly the oracle's experts (%)
+    'routing_vs_oracle_lab_pope': ('lab_pope', 'mova_routing', 'matches_oracle'),
+    'routing_vs_oracle_lab_gqa': ('lab_gqa', 'mova_routing', 'matches_oracle'),
 }
 
 # -----------------------------------------------------------------------------
@@ -140,6 +153,8 @@ def run_metrics(run_dir):
     for pope in ('pope', 'lab_pope'):  # mean accuracy of the three splits
         splits = [metrics[f'{pope}_{split}'] for split in ('random', 'popular', 'adversarial')]
         metrics[f'{pope}_mean'] = sum(splits) / len(splits) if None not in splits else None
+    seconds = dig(results, ('lab_gqa', 'seconds_per_answer'))
+    metrics['ms_per_answer'] = None if seconds is None else 1000 * seconds
     return {name: metrics[name] for name in METRICS}
 
 
@@ -150,8 +165,14 @@ def lm_command(seed):
 
 
 def train_command(variant, seed, extra):
+    """The run's folder and its command: train.py on config with the variant's overrides, or, for a variant that
+    starts with 'eval.py', eval.py scoring another run's checkpoint on the shapes benchmarks as train.py does."""
     run_dir = os.path.join(out_dir, variant, f'seed{seed}')
     overrides = [o.format(out_dir=out_dir, seed=seed) for o in VARIANTS[variant]]
+    if overrides[:1] == ['eval.py']:
+        return run_dir, [sys.executable, 'eval.py', '--benchmark=shapes', f'--shapes_dir={shapes_dir}',
+                         f"--out_dir={os.path.join(run_dir, 'eval')}", '--batch_size=16', '--max_new_tokens=16',
+                         *overrides[1:]]
     if lm_config:
         overrides.append(f"--llm={os.path.join(lm_command(seed)[0], 'llm')}")
     return run_dir, [sys.executable, 'train.py', config, f'--out_dir={run_dir}', f'--seed={seed}',
@@ -182,19 +203,29 @@ def run(variant, seed, extra, threads):
     return run_dir
 
 
+SOURCE_SETTINGS = ('--upcycle_from=', '--routing_from=', '--ckpt_dir=')  # the settings that name a run's checkpoint
+
+
 def sources(variant, seed, extra, checkpoint_of):
-    """The runs (variant, seed) starts from: its seed's LM, and the run of this table whose checkpoint it
-    upcycles (checkpoint_of: ckpt dir -> (variant, seed)). A source that is neither on disk nor in this
+    """The runs (variant, seed) starts from: its seed's LM, and the runs of this table whose checkpoints it
+    upcycles, is routed by, or scores (checkpoint_of: ckpt dir -> (variant, seed)). A source that is neither on disk nor in this
     table is an error now, not after hours of other runs."""
     if variant == 'lm':
         return []
     command = train_command(variant, seed, extra)[1]
-    upcycled = [o.split('=', 1)[1] for o in command if o.startswith('--upcycle_from=')]
-    for source in upcycled:
+    checkpoints = [o.split('=', 1)[1] for o in command if o.startswith(SOURCE_SETTINGS)]
+    for source in checkpoints:
         if not os.path.isdir(source) and source not in checkpoint_of:
-            raise FileNotFoundError(f"{variant} seed {seed} upcycles {source}, which neither exists nor is "
+            raise FileNotFoundError(f"{variant} seed {seed} starts from {source}, which neither exists nor is "
                                     f"trained by this table: add the variant it comes from to --variants")
-    return [('lm', seed)] * bool(lm_config) + [checkpoint_of[s] for s in upcycled if s in checkpoint_of]
+    return [('lm', seed)] * bool(lm_config) + [checkpoint_of[s] for s in checkpoints if s in checkpoint_of]
+
+
+def depth(variant):
+    """How many runs of the table stand before this variant's: 0 for one that starts from nothing of the table's,
+    1 for one that starts from such a run's checkpoint ('{out_dir}/<variant>/...'), and so on."""
+    starts_from = [o.split('{out_dir}/', 1)[1].split('/')[0] for o in VARIANTS[variant] if '{out_dir}/' in o]
+    return 1 + max(depth(v) for v in starts_from) if starts_from else 0
 
 
 def mean_std(values):
@@ -218,17 +249,17 @@ def ablation_table(runs, extra):
     return table
 
 
-def paired(table):
-    """Each variant against 'full' on the seeds both ran: per headline metric the mean paired difference (variant -
+def paired(table, baseline='full', variants=None):
+    """Each variant (of `variants`, None: all) against `baseline` ('full') on the seeds both ran: per headline metric the mean paired difference (variant -
     full) with its 95 % interval (t, n - 1), and a verdict against the paper's direction. Pairing by seed takes out
     what a seed does to every variant alike (the same data order and initial weights). Also, per metric, the minimum
     detectable paired difference: (t_0.975 + t_0.80) s / sqrt(n), s the paired differences' standard deviation pooled
     over the variants: a true difference this large is found 80 % of the time at the 5 % level."""
     from scipy import stats
     rows, variances = {}, {name: [] for name in HEADLINE}
-    full = table.get('full')
+    full = table.get(baseline)
     for variant, row in table.items():
-        if variant in ('full', 'lm') or full is None:
+        if variant in (baseline, 'lm') or full is None or (variants is not None and variant not in variants):
             continue
         rows[variant] = {}
         for name in HEADLINE:
@@ -243,7 +274,7 @@ def paired(table):
             half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
             variances[name].append((sd ** 2, n))
             detected = 0 if abs(mean) <= half else (1 if mean > 0 else -1)
-            paper = PAPER.get(variant, {}).get(name)
+            paper = PAPER.get(variant, {}).get(name) if baseline == 'full' else None
             if not detected:
                 verdict = 'not detected'
             elif paper is None:
@@ -261,8 +292,8 @@ def paired(table):
     return rows, detectable
 
 
-def paired_markdown(rows, detectable):
-    lines = ['| variant − full | ' + ' | '.join(f'{name}: difference [95 % CI] | paper | verdict' for name in HEADLINE)
+def paired_markdown(rows, detectable, baseline='full'):
+    lines = [f'| variant − {baseline} | ' + ' | '.join(f'{name}: difference [95 % CI] | paper | verdict' for name in HEADLINE)
              + ' |', '|---|' + '---|---|---|' * len(HEADLINE)]
     for variant, by_metric in rows.items():
         cells = []
@@ -305,11 +336,11 @@ if __name__ == '__main__':
     if '--prepare_shapes_data=False' not in extra and not os.path.exists(os.path.join(shapes_dir, 'instruct.json')):
         from shapes import prepare_shapes
         prepare_shapes(shapes_dir)
-    # first each seed's LM, then the runs others start from (upcycle_from a run of this table), then those
-    waves = [[('lm', s) for s in seed_list if lm_config],
-             [(v, s) for v in chosen for s in seed_list if '{out_dir}' not in ' '.join(VARIANTS[v])],
-             [(v, s) for v in chosen for s in seed_list if '{out_dir}' in ' '.join(VARIANTS[v])]]
-    checkpoint_of = {os.path.join(train_command(v, s, extra)[0], 'ckpt'): (v, s) for v, s in waves[1]}
+    # first each seed's LM, then the runs others start from (a checkpoint of this table's), then those, and so on
+    waves = [[('lm', s) for s in seed_list if lm_config]]
+    waves += [[(v, s) for v in chosen for s in seed_list if depth(v) == d]
+              for d in range(1 + max(map(depth, chosen), default=0))]
+    checkpoint_of = {os.path.join(train_command(v, s, extra)[0], 'ckpt'): (v, s) for wave in waves[1:] for v, s in wave}
 
     dependencies = {task: sources(*task, extra, checkpoint_of) for wave in waves for task in wave}
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -338,9 +369,15 @@ if __name__ == '__main__':
         rows, detectable = paired(table)
         if rows:
             f.write('\nPaired against `full` by seed:\n\n' + paired_markdown(rows, detectable))
+        # MoVA's routing against MoVA with every expert: what choosing the experts does, routed or by the oracle
+        mova_rows, mova_detectable = paired(table, 'mova', ('mova_routed', 'mova_oracle'))
+        if mova_rows:
+            f.write('\nPaired against `mova` by seed:\n\n' + paired_markdown(mova_rows, mova_detectable, 'mova'))
     print(markdown(table))
     if rows:
         print(paired_markdown(rows, detectable))
+    if mova_rows:
+        print(paired_markdown(mova_rows, mova_detectable, 'mova'))
     with open(os.path.join(out_dir, 'paired.json'), 'w') as f:
-        json.dump(dict(rows=rows, minimum_detectable=detectable), f, indent=2)
+        json.dump(dict(rows=rows, minimum_detectable=detectable, against_mova=mova_rows), f, indent=2)
     print(f"wrote {out_dir}/ablation.json and ablation.md")

@@ -202,15 +202,18 @@ class LLaVADataset(torch.utils.data.Dataset):
     and reports num_skipped, so a corrupt JPEG never stops a long run.
     A sample with an image but no '<image>' in its text gets '<image>\\n' put in front of its first human
     turn (counted in self.image_token_added). This is a deliberate deviation: the released code loads
-    such an image and never shows it to the model, which then trains on the text alone."""
+    such an image and never shows it to the model, which then trains on the text alone.
+    experts: a MoVA model's experts, in its adapter's order; each item then has expert_mask [E] bool, the experts
+    named by the sample's "experts" list (mova.write_routing_data's routing labels), every one where it has none.
+    For any other model the key is ignored."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, image_size, max_length,
-                 num_visual_tokens, on_bad_sample='skip', image_aspect='pad'):
+                 num_visual_tokens, on_bad_sample='skip', image_aspect='pad', experts=()):
         assert template in TEMPLATES, f"unknown template {template!r}, expected one of {TEMPLATES}"
         assert on_bad_sample in ('skip', 'error'), f"on_bad_sample must be 'skip' or 'error', got {on_bad_sample!r}"
         self.json_path, self.image_folder, self.tokenizer, self.template = json_path, image_folder, tokenizer, template
         self.image_size, self.max_length, self.num_visual_tokens = image_size, max_length, num_visual_tokens
-        self.on_bad_sample, self.image_aspect = on_bad_sample, image_aspect
+        self.on_bad_sample, self.image_aspect, self.experts = on_bad_sample, image_aspect, list(experts)
         with open(json_path) as f:
             samples = json.load(f)
         if not isinstance(samples, list):
@@ -245,6 +248,9 @@ class LLaVADataset(torch.utils.data.Dataset):
             reason = '<image> in the text but the sample has no image'
         if not reason and self.template == 'plain' and not image:
             reason = 'plain template needs an image'  # preprocess_plain keeps only the image of the human turn
+        unknown = set(sample.get('experts', ())) - set(self.experts)
+        if not reason and self.experts and unknown:
+            reason = f"experts {sorted(unknown)} are not the model's ({', '.join(self.experts)})"
         if reason:
             self.bad_sample(sample, reason)
             self.skipped[reason] += 1
@@ -280,13 +286,18 @@ class LLaVADataset(torch.utils.data.Dataset):
             except OSError as err:
                 print(f"skipping {self.bad_sample(sample, f'unreadable image ({err})')}", file=sys.stderr)
                 return None
-        return dict(id=sample['id'], input_ids=torch.tensor(input_ids), labels=torch.tensor(labels), image=image)
+        item = dict(id=sample['id'], input_ids=torch.tensor(input_ids), labels=torch.tensor(labels), image=image)
+        if self.experts:
+            chosen = sample.get('experts', self.experts)
+            item['expert_mask'] = torch.tensor([name in chosen for name in self.experts])
+        return item
 
 
 def collate(batch, pad_token_id, image_size=None):
     """Right-padded batch of LLaVADataset items; None items (bad samples found at load
     time) are dropped and counted in num_skipped. images holds one row per sample that has an image,
-    in batch order, and is empty [0, 3, S, S] when none has (S = image_size, 0 if not given)."""
+    in batch order, and is empty [0, 3, S, S] when none has (S = image_size, 0 if not given); so does expert_mask
+    [n_img, E] where the items have one (a MoVA dataset's)."""
     assert pad_token_id is not None, "collate needs a pad token id (use the eos id if the tokenizer has no pad)"
     samples = [s for s in batch if s is not None]
     length = max((len(s['input_ids']) for s in samples), default=0)
@@ -299,8 +310,13 @@ def collate(batch, pad_token_id, image_size=None):
     images = [s['image'] for s in samples if s['image'] is not None]
     size = image_size or 0
     images = torch.stack(images) if images else torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images,
-                ids=[s['id'] for s in samples], num_skipped=len(batch) - len(samples))
+    batch_out = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images,
+                     ids=[s['id'] for s in samples], num_skipped=len(batch) - len(samples))
+    if samples and 'expert_mask' in samples[0]:
+        masks = [s['expert_mask'] for s in samples if s['image'] is not None]
+        batch_out['expert_mask'] = torch.stack(masks) if masks else torch.zeros((0, len(samples[0]['expert_mask'])),
+                                                                                dtype=torch.bool)
+    return batch_out
 
 
 def length_grouped(order, lengths, batch_size, batches_per_group, generator):

@@ -333,7 +333,7 @@ def route_experts(model, tokenizer, texts, images, template):
     each image, seen through the adapter with no expert, and answers with the experts' letters. Returns the expert
     masks [n_img, E] and the routing answers; an answer parse_routing cannot read uses every expert."""
     from mova import parse_routing, routing_question
-    experts = [name for name in model.encoders.encoders if name != model.config.mova_base]
+    experts = mova_experts(model)
     prompts = [data.build_prompt('<image>\n' + routing_question(text.replace('<image>', '').strip(), experts,
                                                                   model.config.mova_top_k), tokenizer, template)
                for text in texts]
@@ -341,6 +341,22 @@ def route_experts(model, tokenizer, texts, images, template):
     answers = generate_answers(model, tokenizer, prompts, images, max_new_tokens=8, expert_mask=no_expert)
     masks, malformed = zip(*(parse_routing(answer, len(experts)) for answer in answers))
     return torch.stack(masks), answers, malformed
+
+
+def mova_experts(model):
+    """A MoVA model's experts, in its adapter's order: every encoder but the base."""
+    return [name for name in model.encoders.encoders if name != model.config.mova_base]
+
+
+def oracle_routing(model, texts, probe):
+    """The lab's oracle in place of the LLM's routing pass (towers.oracle_experts: per factor a question names, the
+    expert the probe matrix reads it best with). The masks [n_img, E] and the choices as routing answers."""
+    from mova import routing_answer
+    from towers import oracle_experts
+    experts = mova_experts(model)
+    masks = torch.tensor([[name in oracle_experts(text, probe, experts) for name in experts] for text in texts],
+                         dtype=torch.bool).view(len(texts), len(experts))
+    return masks, [routing_answer(mask) for mask in masks]
 
 
 def image_path(question, image_folder, question_file):
@@ -351,7 +367,7 @@ def image_path(question, image_folder, question_file):
 
 def answer_questions(model, tokenizer, question_file, image_folder, answers_file, template=None,
                      batch_size=8, max_new_tokens=128, image_size=None, model_id='nanomocha', routing=None,
-                     weights=None, route=False):
+                     weights=None, route='', probe=None):
     """Answer a LLaVA question jsonl ({question_id, image?, text}) into a LLaVA answers jsonl
     ({question_id, prompt, text, answer_id, model_id, metadata}), in question order.
     Resumable: questions already answered in answers_file (or in shard files left by an interrupted run)
@@ -364,9 +380,11 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
     weights: what names the weights answering (checkpoint_stamp of their checkpoint), kept beside the answers in
     answers_file + '.weights': answers from other weights (a checkpoint retrained into the same out_dir) are
     renamed *.other and the questions answered again, never resumed. None: no check.
-    route: MoVA models only, MoVA's two passes: the LLM first picks each image's experts (route_experts), then
-    answers with them; the routing answer goes into the record's metadata, and one it cannot read is flagged there
-    (malformed) and answered with every expert. Otherwise every expert is used.
+    route: MoVA models only. 'llm': MoVA's two passes, the LLM first picks each image's experts (route_experts),
+    then answers with them; the routing answer goes into the record's metadata (experts), and one it cannot read is
+    flagged there (malformed) and answered with every expert. 'oracle': the experts oracle_routing picks from the
+    probe matrix `probe` ({tower: {factor: %}}, towers.py's probe.json). '': every expert. With 'llm' and a probe,
+    the oracle's choice goes into the metadata too (oracle), to score the routing against.
     Returns how many questions this call answered (on all ranks together)."""
     template = template or model.config.template
     image_size = image_size or model.config.image_size
@@ -404,9 +422,16 @@ def answer_questions(model, tokenizer, question_file, image_folder, answers_file
                 prompts.append(data.build_prompt(text, tokenizer, template))
             expert_mask, routed = None, {}  # routed: question index -> its routing answer
             if route and images:
-                expert_mask, routing_answers, malformed = route_experts(model, tokenizer, image_texts, images, template)
                 with_image = [index for index, question in batch if question.get('image')]
-                routed = {i: dict(experts=a, malformed=m) for i, a, m in zip(with_image, routing_answers, malformed)}
+                if route == 'oracle':
+                    expert_mask, routing_answers = oracle_routing(model, image_texts, probe)
+                    routed = {i: dict(experts=a) for i, a in zip(with_image, routing_answers)}
+                else:
+                    expert_mask, routing_answers, malformed = route_experts(model, tokenizer, image_texts, images,
+                                                                            template)
+                    oracle = oracle_routing(model, image_texts, probe)[1] if probe else [None] * len(images)
+                    routed = {i: dict(experts=a, malformed=m, **({'oracle': o} if o else {}))
+                              for i, a, m, o in zip(with_image, routing_answers, malformed, oracle)}
             stats = {} if routing is not None else None
             texts = generate_answers(model, tokenizer, prompts, images, max_new_tokens, stats, expert_mask)
             if stats:  # the generation's first forward: every image of the batch, routed once
@@ -507,8 +532,29 @@ def expert_usage(model, routing):
     return dict(expert_usage={name: shares[i].tolist() for i, name in enumerate(model.moecs)} if images else None,
                 expert_usage_images=images)
 
+def routing_summary(answers, experts):
+    """results.json's summary of MoVA's routing over a benchmark's answers: how many were routed, how many routing
+    answers could not be read (and used every expert), each expert's share of the routed images, and, where the
+    oracle's choice is known, how often the routing chose exactly its experts and, per expert, how often the two agree
+    on using it (in %)."""
+    from mova import parse_routing
+    routed = [a['metadata'] for a in answers if 'experts' in a.get('metadata', {})]
+    if not routed:
+        return None
+    masks = torch.stack([parse_routing(m['experts'], len(experts))[0] for m in routed]).float()
+    summary = dict(answers=len(routed), malformed=sum(m.get('malformed', False) for m in routed),
+                   expert_share={name: 100 * masks[:, e].mean().item() for e, name in enumerate(experts)},
+                   no_expert=100 * (masks.sum(1) == 0).float().mean().item())
+    if all('oracle' in m for m in routed):
+        oracle = torch.stack([parse_routing(m['oracle'], len(experts))[0] for m in routed]).float()
+        summary['matches_oracle'] = 100 * (masks == oracle).all(1).float().mean().item()
+        summary['agrees_with_oracle'] = {name: 100 * (masks[:, e] == oracle[:, e]).float().mean().item()
+                                         for e, name in enumerate(experts)}
+    return summary
+
+
 def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_new_tokens, model_id='nanomocha',
-                  weights=None, route=False):
+                  weights=None, route='', probe=None):
     """Answer files['question_file'] into out_dir/{benchmark}_answers.jsonl and score it (rank 0; None elsewhere)."""
     if benchmark not in BENCHMARK_FILES:
         raise ValueError(f"unknown benchmark {benchmark!r}, expected one of {sorted(BENCHMARK_FILES)} or 'shapes'")
@@ -520,7 +566,7 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
     started = time.perf_counter()
     answered = answer_questions(model, tokenizer, files['question_file'], files['image_folder'], answers_file,
                                 batch_size=batch_size, max_new_tokens=max_new_tokens, model_id=model_id,
-                                routing=routing, weights=weights, route=route)
+                                routing=routing, weights=weights, route=route, probe=probe)
     seconds = time.perf_counter() - started
     usage = expert_usage(model, routing)  # every rank takes part in its all-reduce
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -529,9 +575,8 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
     results = dict(score_benchmark(benchmark, answers, files), **usage)
     # wall time of this run's answering per question (batched, all ranks together); None when it answered none
     results['seconds_per_answer'] = seconds / answered if answered else None
-    if route:  # MoVA's routing: how many routing answers could not be read (and used every expert)
-        routed = [a['metadata'] for a in answers if 'malformed' in a.get('metadata', {})]
-        results['routing_malformed'] = dict(count=sum(m['malformed'] for m in routed), of=len(routed))
+    if route:
+        results['mova_routing'] = dict(route=route, **(routing_summary(answers, mova_experts(model)) or {}))
     if benchmark in ('gqa', 'lab_gqa'):  # the inputs of the official scorers, to check these numbers with them
         predictions_dir = out_dir if benchmark == 'gqa' else os.path.join(out_dir, 'lab')  # same file name
         os.makedirs(predictions_dir, exist_ok=True)
@@ -614,7 +659,7 @@ LAB_BENCHMARKS = ('lab_pope', 'lab_gqa')
 SHAPES_BENCHMARKS = ('pope', 'gqa', 'mme') + LAB_BENCHMARKS  # the lab's only where the data has them
 
 def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_new_tokens=16, model_id='nanomocha',
-                    benchmarks=SHAPES_BENCHMARKS, weights=None, route=False):
+                    benchmarks=SHAPES_BENCHMARKS, weights=None, route='', probe=None):
     """Answer and score the shapes benchmarks (default: the three on images, and the lab's two where shapes_dir has
     them, eval/lab: a data dir of an older shapes.py has not; 'gqa_words' asks GQA's questions about the scenes
     written in words, which is how the text step is scored); answers and results.json go to out_dir.
@@ -628,7 +673,7 @@ def evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size=16, max_ne
         if benchmark in LAB_BENCHMARKS and not os.path.exists(files['question_file']):
             continue
         results[benchmark] = run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
-                                           max_new_tokens, model_id, weights, route)
+                                           max_new_tokens, model_id, weights, route, probe)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     write_results(results, out_dir)
@@ -667,8 +712,11 @@ def results_table(results):
         rows.append((label, 'unanswered questions', metrics['num_missing']))
         if metrics.get('seconds_per_answer') is not None:
             rows.append((label, 'ms per answer (this run)', 1000 * metrics['seconds_per_answer']))
-        if 'routing_malformed' in metrics:
-            rows.append((label, 'routing answers unreadable', metrics['routing_malformed']['count']))
+        if metrics.get('mova_routing', {}).get('answers'):
+            rows.append((label, f"routing ({metrics['mova_routing']['route']}): unreadable",
+                         metrics['mova_routing']['malformed']))
+            if 'matches_oracle' in metrics['mova_routing']:
+                rows.append((label, 'routing: matches the oracle %', metrics['mova_routing']['matches_oracle']))
     lines = [f"{'benchmark':<10} {'metric':<28} {'value':>9}"]
     for benchmark, name, value in rows:
         shown = '-' if value is None else f'{value:9.2f}' if isinstance(value, float) else f'{value:9d}'
@@ -761,7 +809,9 @@ if __name__ == '__main__':
     # decoding
     batch_size = 16
     max_new_tokens = 128  # LLaVA's default; benchmark answers are a word or two
-    route = False  # MoVA checkpoints: its two passes, the LLM picking each image's experts first; else every expert
+    route = ''  # MoVA checkpoints: '' every expert; 'llm' its two passes, the LLM picking each image's experts first;
+                # 'oracle' the experts the lab's probe matrix says carry what the question names (towers.py)
+    probe_json = 'weights/towers/probe.json'  # the probe matrix: the oracle, and what 'llm' routing is scored against
     # system
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -782,16 +832,25 @@ if __name__ == '__main__':
 
     model = MoCHA.from_pretrained(ckpt_dir).to(device)
     model.eval()
+    if route not in ('', 'llm', 'oracle'):
+        raise ValueError(f"route must be '', 'llm' or 'oracle', got {route!r}")
     if route and model.config.connector != 'mova':
-        raise ValueError(f"route=True is MoVA's routing pass, and {ckpt_dir} is a MoCHA checkpoint (connector "
+        raise ValueError(f"route={route} is MoVA's routing, and {ckpt_dir} is a MoCHA checkpoint (connector "
                          f"{model.config.connector!r})")
     tokenizer = model.tokenizer  # saved in the checkpoint: the one the model was trained with
     if template and template != model.config.template:
         print(f"WARNING: {ckpt_dir} was trained with the {model.config.template!r} template; prompting it with "
               f"{template!r} instead gives it prompts it has never seen")
         model.config.template = template
+    probe = None
+    if route and os.path.exists(probe_json):
+        with open(probe_json) as f:
+            probe = json.load(f)
+    elif route == 'oracle':
+        raise FileNotFoundError(f"route=oracle reads the probe matrix {probe_json}: write it with "
+                                f"`python towers.py --probe=True`")
     model_id = os.path.basename(os.path.normpath(ckpt_dir))
-    out_dir = out_dir or os.path.join(ckpt_dir, f'eval_{benchmark}')
+    out_dir = out_dir or os.path.join(ckpt_dir, f'eval_{benchmark}' + (f'_{route}' if route else ''))
 
     with ctx:
         if image:
@@ -805,12 +864,13 @@ if __name__ == '__main__':
                     print(generate_answers(model, tokenizer, [prompt], [picture], max_new_tokens)[0])
         elif benchmark == 'shapes':
             evaluate_shapes(model, tokenizer, shapes_dir, out_dir, batch_size, max_new_tokens, model_id,
-                            shapes_benchmarks.split(','), checkpoint_stamp(ckpt_dir), route)
+                            shapes_benchmarks.split(','), checkpoint_stamp(ckpt_dir), route, probe)
         else:
             files = dict(question_file=question_file, image_folder=image_folder, annotation_dir=annotation_dir,
                          questions_json=questions_json, mme_root=mme_root)
             results = {benchmark: run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size,
-                                                max_new_tokens, model_id, checkpoint_stamp(ckpt_dir), route)}
+                                                max_new_tokens, model_id, checkpoint_stamp(ckpt_dir), route,
+                                                probe)}
             if master_process:
                 write_results(results, out_dir)
     if ddp:

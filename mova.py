@@ -21,7 +21,9 @@ The LLM learns to route from routing conversations, which this file writes from 
 paper's rule, an expert is right for a sample when it lowers the loss of the sample's answer:
 
     python mova.py --ckpt_dir=out/mova-phi2-stage2/ckpt --data_json=playground/data/llava_v1_5_mix665k.json \
-        --image_folder=playground/data
+        --image_folder=playground/data --out_dir=out/mova-routing
+    torchrun --nproc_per_node=8 train.py config/mova_stage2.py --data_json=out/mova-routing/instruct.json \
+        --tokenizer=out/mova-routing/tokenizer --out_dir=out/mova-phi2-routed
 
 Where this file departs from the released adapter (each to keep it short; none measured against it):
 - the gate reads the mean of the LLM's own input embeddings over the prompt's tokens, not BERT-large's CLS of the
@@ -194,10 +196,32 @@ def routing_answer(mask):
     return ', '.join(LETTERS[e] for e in mask.nonzero().flatten().tolist()) or 'none'
 
 
-def write_routing_data(model, data_json, image_folder, out_json, batch_size=16, margin=0.0, max_samples=0):
-    """For each sample of data_json with an image: a routing conversation, the routing prompt over its first question
-    answered with the experts its labels pick. Writes data_json's samples and the routing ones, shuffled in, to
-    out_json (train.py's data_json for stage 2 with routing). Returns the label counts per expert and of 'none'."""
+def add_missing_words(tokenizer, texts):
+    """Append to `tokenizer` the words of `texts` it can only read as its unknown token, each as a whole-word added
+    token (HF add_tokens: new ids after the last, so a model trained with the old ids still reads them). Byte-level
+    BPE tokenizers (Phi-2's) have no unknown words and are left alone; a word-level one (the shapes world's) lacks the
+    routing prompt's words and letters. Returns the words added."""
+    from tokenizers import AddedToken
+    unk = tokenizer.unk_token_id
+    if unk is None or all(unk not in tokenizer(text, add_special_tokens=False).input_ids for text in texts):
+        return []
+    pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
+    words = sorted({word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(text)
+                    if tokenizer(word, add_special_tokens=False).input_ids == [unk]})
+    # a word only where it stands alone ('B' never inside 'Based'); a run of punctuation ("'.") wherever it is
+    tokenizer.add_tokens([AddedToken(word, single_word=word[0].isalnum()) for word in words])
+    return words
+
+
+def write_routing_data(model, data_json, image_folder, out_dir, batch_size=16, margin=0.0, max_samples=0, seed=0):
+    """MoVA's routing data from a trained MoVA model (every expert on), in out_dir:
+    - instruct.json: data_json's samples, and for each of the first max_samples (0: all) with an image, a routing
+      conversation, the routing prompt over its first question answered with the experts its labels pick, shuffled
+      in. Each labelled sample gets "experts", the names it was labelled with, and each routing conversation
+      "experts": [] (the routing pass sees the image through the base path alone, as eval.py's does); train.py
+      trains MoVA's adapter on them with those experts, so that it has seen the subsets routing picks;
+    - tokenizer/: the model's tokenizer with the routing prompt's words it lacks appended (add_missing_words).
+    Returns the label counts per expert letter and of 'none'."""
     import json
     import random
     from collections import Counter
@@ -207,9 +231,10 @@ def write_routing_data(model, data_json, image_folder, out_json, batch_size=16, 
     experts = [name for name in model.encoders.encoders if name != config.mova_base]
     dataset = LLaVADataset(data_json, image_folder, tokenizer, config.template, config.image_size, 10 ** 6,
                            model.num_visual_tokens)
-    with_image = [i for i, s in enumerate(dataset.samples) if s.get('image')][:max_samples or None]
+    with_image = [i for i, s in enumerate(dataset.samples) if s.get('image')]
+    with_image = random.Random(seed).sample(with_image, min(max_samples or len(with_image), len(with_image)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    routed, counts = [], Counter()
+    chosen, routed, counts = {}, [], Counter()  # chosen: sample id -> its experts' names
     for start in range(0, len(with_image), batch_size):
         indices = with_image[start:start + batch_size]
         batch = collate([dataset[i] for i in indices], pad_id, config.image_size)
@@ -217,16 +242,22 @@ def write_routing_data(model, data_json, image_folder, out_json, batch_size=16, 
             sample = dataset.samples[index]
             answer = routing_answer(mask)
             counts.update(answer.split(', '))
+            chosen[sample['id']] = [experts[e] for e in mask.nonzero().flatten().tolist()]
             question = sample['conversations'][0]['value'].replace('<image>', '').strip()
-            routed.append(dict(id=f"{sample['id']}-routing", image=sample['image'], conversations=[
+            routed.append(dict(id=f"{sample['id']}-routing", image=sample['image'], experts=[], conversations=[
                 {'from': 'human', 'value': '<image>\n' + routing_question(question, experts, config.mova_top_k)},
                 {'from': 'gpt', 'value': answer}]))
     with open(data_json) as f:
-        samples = json.load(f) + routed
-    random.Random(0).shuffle(samples)
+        samples = json.load(f)
+    samples = [dict(s, experts=chosen[s['id']]) if s.get('id') in chosen else s for s in samples] + routed
+    random.Random(seed).shuffle(samples)
+    os.makedirs(out_dir, exist_ok=True)
+    out_json = os.path.join(out_dir, 'instruct.json')
     with open(out_json + '.tmp', 'w') as f:
         json.dump(samples, f)
-    os.replace(out_json + '.tmp', out_json)
+    add_missing_words(tokenizer, [turn['value'] for sample in routed for turn in sample['conversations']])
+    tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
+    os.replace(out_json + '.tmp', out_json)  # last: instruct.json there means the folder is whole
     return counts
 
 
@@ -234,13 +265,12 @@ if __name__ == '__main__':
     ckpt_dir = 'out/mova-phi2-stage2/ckpt'  # a trained MoVA checkpoint (connector='mova'), every expert on
     data_json = 'playground/data/llava_v1_5_mix665k.json'
     image_folder = 'playground/data'
-    out_json = ''                       # '' = data_json with '_routing' before '.json'
+    out_dir = 'out/mova-routing'        # instruct.json and tokenizer/, train.py's data_json and tokenizer
     batch_size = 16
     margin = 0.0                        # an expert must lower the answer's loss by this fraction of the base path's
-    max_samples = 0                     # 0 = every sample with an image
+    max_samples = 0                     # 0 = every sample with an image, else this many drawn at random
     exec(open('configurator.py').read())
     from mocha import MoCHA
-    out_json = out_json or data_json.removesuffix('.json') + '_routing.json'
-    counts = write_routing_data(MoCHA.from_pretrained(ckpt_dir), data_json, image_folder, out_json, batch_size,
+    counts = write_routing_data(MoCHA.from_pretrained(ckpt_dir), data_json, image_folder, out_dir, batch_size,
                                 margin, max_samples)
-    print(f"wrote {out_json}: routing answers by expert letter and 'none': {dict(sorted(counts.items()))}")
+    print(f"wrote {out_dir}: routing answers by expert letter and 'none': {dict(sorted(counts.items()))}")

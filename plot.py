@@ -4,6 +4,7 @@ next to it:
 
     python plot.py out/shapes                  # -> out/shapes/curves.png and out/shapes/experts.png
     python plot.py out/shapes --docs=True      # -> docs/shapes_{curves,experts,explain}.png, the README's figures
+    python plot.py out/ablate_lab --routing=True   # -> out/ablate_lab/routing.png (--docs=True: docs/mova_routing.png)
 
 curves.png: the LM loss (with the validation loss when the run held data out), the balance and z
 losses (summed over the MoECs, as in Eq. 10), the learning rate, and HGA's mean gate and edge weights.
@@ -12,9 +13,14 @@ experts.png: per MoEC, the share of its routed tokens each expert got, as stacke
 --docs=True writes those two into docs/ instead, and a third, explain.png: eval.py's explain_answer on the
 run's checkpoint (out_dir/ckpt) for one fixed image and question (each patch's top-1 expert, HGA's strongest
 inter-group edges). After `python train.py config/shapes.py` it remakes every figure in docs/.
+--routing=True reads an ablate.py out_dir instead: routing.png, how often the LLM of each mova_routed run picks the
+experts the lab's oracle picks, per kind of lab GQA question, and each expert's share of the images, routed and oracle.
 """
+import json
 import os
+import statistics
 import sys
+from collections import defaultdict
 
 import matplotlib
 matplotlib.use('Agg')  # files only, no display
@@ -90,14 +96,68 @@ def plot_experts(logs, path):
     plt.close(fig)
 
 
+def plot_routing(ablate_dir, shapes_dir, path):
+    """MoVA's learned routing against the oracle over ablate_dir/mova_routed/seed*/eval's answers (their metadata
+    holds both choices): the share of exact matches per lab GQA question type (mean over seeds, bars from the lowest
+    to the highest seed) and each expert's share of the routed images, routed and by the oracle."""
+    from mova import LETTERS
+    with open(os.path.join(shapes_dir, 'eval', 'lab', 'gqa', 'testdev_balanced_questions.json')) as f:
+        kinds = {qid: q['types']['detailed'] for qid, q in json.load(f).items()}
+    runs = sorted(d for d in (os.path.join(ablate_dir, 'mova_routed', s) for s in os.listdir(
+        os.path.join(ablate_dir, 'mova_routed'))) if os.path.exists(os.path.join(d, 'eval', 'lab_gqa_answers.jsonl')))
+    if not runs:
+        raise SystemExit(f"no {ablate_dir}/mova_routed/seed*/eval/lab_gqa_answers.jsonl: run ablate.py's mova_routed")
+    matches = defaultdict(list)                        # question type -> per seed: % routed exactly as the oracle
+    shares = {'routed': defaultdict(list), 'oracle': defaultdict(list)}  # letter -> per seed: % of images using it
+    for run in runs:
+        answers = read_jsonl(os.path.join(run, 'eval', 'lab_gqa_answers.jsonl'))
+        routed = [a['metadata'] for a in answers]
+        by_kind = defaultdict(list)
+        for answer, meta in zip(answers, routed):
+            same = sorted(meta['experts'].split(', ')) == sorted(meta['oracle'].split(', '))
+            by_kind[kinds[str(answer['question_id'])]].append(same)
+            by_kind['all'].append(same)
+        for kind, same in by_kind.items():
+            matches[kind].append(100 * sum(same) / len(same))
+        for which in shares:
+            for letter in LETTERS[:3]:
+                used = [letter in meta['oracle' if which == 'oracle' else 'experts'].split(', ') for meta in routed]
+                shares[which][letter].append(100 * sum(used) / len(used))
+    kinds_shown = sorted(k for k in matches if k != 'all') + ['all']
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw=dict(width_ratios=[3, 1]), dpi=DPI)
+    means = [statistics.mean(matches[k]) for k in kinds_shown]
+    low = [m - min(matches[k]) for m, k in zip(means, kinds_shown)]
+    high = [max(matches[k]) - m for m, k in zip(means, kinds_shown)]
+    left.bar(range(len(kinds_shown)), means, yerr=[low, high], color=['C0'] * (len(kinds_shown) - 1) + ['C3'], capsize=3)
+    left.set_xticks(range(len(kinds_shown)), kinds_shown, rotation=45, ha='right')
+    left.set(ylabel="% of questions routed exactly as the oracle", ylim=(0, 100),
+             title=f"lab GQA: the LLM's routing against the probe matrix's oracle ({len(runs)} seeds)")
+    experts = ['siglip', 'convnext', 'dinov2']  # the adapter's experts (A, B, C): ENCODER_ORDER without CLIP, the base
+    for offset, which in ((-0.2, 'routed'), (0.2, 'oracle')):
+        right.bar([i + offset for i in range(3)], [statistics.mean(shares[which][l]) for l in LETTERS[:3]], width=0.4,
+                  label=which)
+    right.set_xticks(range(3), experts)
+    right.set(ylabel='% of lab GQA images', ylim=(0, 100), title='each expert chosen')
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 if __name__ == '__main__':
     out_dir = sys.argv.pop(1) if len(sys.argv) > 1 and '=' not in sys.argv[1] else ''  # the train.py out_dir
     docs = False                                    # True: write docs/shapes_*.png (the README's figures)
     image = 'data/shapes/eval/gqa/images/n00004.png'  # docs=True: a held-out GQA image of four objects
     question = 'Where is the red triangle?\nAnswer the question using a single word or phrase.'  # its GQA question
+    routing = False                                 # True: OUT_DIR is an ablate.py out_dir; draw MoVA's routing
+    shapes_dir = 'data/shapes'                      # routing=True: the world the runs were scored on
     exec(open('configurator.py').read())  # --key=value overrides
     if not out_dir:
         raise SystemExit("usage: python plot.py OUT_DIR [--docs=True]   (the train.py out_dir holding metrics.jsonl)")
+    if routing:
+        path = 'docs/mova_routing.png' if docs else os.path.join(out_dir, 'routing.png')
+        plot_routing(out_dir, shapes_dir, path)
+        raise SystemExit(f'wrote {path}')
     logs, vals = read_metrics(os.path.join(out_dir, 'metrics.jsonl'))
     to, prefix = ('docs', 'shapes_') if docs else (out_dir, '')
     paths = [os.path.join(to, f'{prefix}{name}.png') for name in ('curves', 'experts', 'explain')]

@@ -780,6 +780,41 @@ def test_routing_answers_parse_to_expert_masks_and_junk_is_counted():
     assert question.endswith('\n\nQuestion:\nIs there a red circle?') and 'select the most 3 suitable' in question
 
 
+def test_the_oracle_routes_each_factor_a_question_names_to_the_expert_the_probe_reads_it_best_with():
+    """towers.oracle_experts (ablate.py's mova_oracle): colour, shape, size, texture, position, count, by their words."""
+    import towers
+    assert towers.question_factors('What color is the square on the left?') == ['color', 'shape', 'position']
+    assert towers.question_factors('How many triangles are there?') == ['shape', 'count']
+    assert towers.question_factors('Is there a red circle with checked texture in the image?') == [
+        'color', 'shape', 'texture']
+    assert towers.question_factors('Describe the image briefly.') == []
+    probe = {'siglip': dict(color=90, shape=40, position=60, count=30, texture=25),
+             'convnext': dict(color=80, shape=50, position=50, count=20, texture=60),
+             'dinov2': dict(color=70, shape=30, position=95, count=40, texture=24)}
+    experts = ['siglip', 'convnext', 'dinov2']
+    assert towers.oracle_experts('What color is the square on the left?', probe, experts) == experts
+    assert towers.oracle_experts('Is there a red circle?', probe, experts) == ['siglip', 'convnext']
+    assert towers.oracle_experts('How many objects are there?', probe, experts) == ['dinov2']
+    assert towers.oracle_experts('Describe the image briefly.', probe, experts) == []
+
+
+def test_the_routing_prompt_grows_a_word_tokenizer_and_leaves_a_byte_level_one_alone(tokenizers):
+    """mova.add_missing_words: the shapes world's word-level tokenizer reads the routing prompt's words as <unk> until
+    they are appended (old ids unchanged, 'B' a word of its own, not inside 'Based'); byte-level BPE has no unknowns."""
+    from mova import add_missing_words, routing_question
+    prompt = routing_question('Is there a red circle?', ['siglip', 'convnext', 'dinov2'], top_k=3)
+    words = shapes.build_word_tokenizer(['Is there a red circle?', 'Describe the image briefly.'])
+    before, old_vocab = words('Is there a red circle?').input_ids, words.get_vocab()
+    assert words.unk_token_id in words(prompt).input_ids
+    added = add_missing_words(words, [prompt, 'B, C', 'none'])
+    assert {'B', 'C', 'none', 'Based'} <= set(added) and words.unk_token_id not in words(prompt).input_ids
+    assert words('Is there a red circle?').input_ids == before and all(words.get_vocab()[w] == i for w, i in old_vocab.items())
+    assert words.convert_ids_to_tokens(words('Based on B').input_ids) == ['Based', 'on', 'B']
+    byte_level = tokenizers['bpe']
+    size = len(byte_level)
+    assert add_missing_words(byte_level, [prompt]) == [] and len(byte_level) == size
+
+
 def test_mova_in_mocha_trains_its_adapter_and_saves_it(tokenizer_dir, tmp_path):
     """connector='mova': the encoders and the LLM path are MoCHA's, the adapter replaces MoECs and HGA."""
     torch.manual_seed(0)
@@ -1859,7 +1894,7 @@ def test_answer_questions_writes_llava_answers_in_question_order(tmp_path):
     assert model.training and os.listdir(tmp_path / 'out') == ['answers.jsonl']  # mode restored, shards merged
 
 def test_mova_answers_in_two_passes_routing_first(tokenizer_dir, tmp_path):
-    """route=True: a routing pass with no expert, its answer parsed into each image's experts (junk: all, flagged),
+    """route='llm': a routing pass with no expert, its answer parsed into each image's experts (junk: all, flagged),
     then the answer pass with them; text-only questions take one pass."""
     make_questions(tmp_path, count=5)
     torch.manual_seed(0)
@@ -1869,7 +1904,7 @@ def test_mova_answers_in_two_passes_routing_first(tokenizer_dir, tmp_path):
         *args, expert_mask=expert_mask, **kwargs)
     answers_file = tmp_path / 'answers.jsonl'
     ev.answer_questions(model, model.tokenizer, tmp_path / 'questions.jsonl', tmp_path / 'images', str(answers_file),
-                        batch_size=5, max_new_tokens=2, route=True)
+                        batch_size=5, max_new_tokens=2, route='llm')
     routing_pass, answer_pass = calls                                   # one batch: two generations
     assert routing_pass.shape == (4, 3) and not routing_pass.any()       # 4 images, 3 experts, none in the first
     answers = ev.read_jsonl(answers_file)
@@ -2554,20 +2589,51 @@ def test_resumed_lora_run_gives_the_losses_of_an_uninterrupted_one_then_merges_a
     assert json.loads((tmp_path / 'full' / 'eval' / 'results.json').read_text())['pope']['num_missing'] == 0
 
 
-def test_a_tiny_mova_run_trains_and_is_scored_with_its_routing_pass(small_shapes, tmp_path):
-    """config/mova_stage*.py's path on the shapes world: MoVA's adapter in place of the MoECs and HGA, trained, saved
-    and scored; then eval's two passes, the routing answers counted."""
-    state, losses = run_train(small_shapes, tmp_path / 'mova', '--stage=2', '--template=phi', '--connector=mova',
-                              '--mova_pool=1', f'--data_json={small_shapes}/instruct.json', '--eval_shapes_at_end=True',
-                              '--shapes_benchmarks=pope')
-    assert len(losses) == 3 and parts(state, 'mova.blocks.0.cross_attns.') and not parts(state, 'moecs.')
-    assert json.loads((tmp_path / 'mova' / 'eval' / 'results.json').read_text())['pope']['num_missing'] == 0
-    model = MoCHA.from_pretrained(str(tmp_path / 'mova' / 'ckpt')).eval()
-    routed = ev.evaluate_shapes(model, model.tokenizer, str(small_shapes), str(tmp_path / 'routed'), batch_size=8,
-                                max_new_tokens=3, benchmarks=['pope'], route=True)['pope']
-    questions = len(ev.read_jsonl(small_shapes / 'eval' / 'pope' / 'llava_pope_test.jsonl'))
-    assert routed['num_missing'] == 0 and routed['routing_malformed']['of'] == questions
-    assert 0 <= routed['routing_malformed']['count'] <= questions
+def test_a_routed_mova_run_trains_on_its_routing_data_resumes_exactly_and_is_scored(small_shapes, tmp_path):
+    """ablate.py's mova_routed on the shapes world: a MoVA model labels training samples by MoVA's rule (routing_from),
+    the run trains on them and their routing conversations, with the tokenizer grown by the routing prompt's words;
+    cut and resumed it gives the uninterrupted run's losses and weights; it is scored with the LLM routing first,
+    against the lab's oracle, and then by the oracle alone (mova_oracle)."""
+    torch.manual_seed(0)
+    labeller = MoCHA(tiny_config(f'{small_shapes}/tokenizer', connector='mova', mova_pool=1, mova_blocks=1,
+                                 template='phi'))
+    trained_looking(labeller.mova)
+    labeller.save_pretrained(str(tmp_path / 'labeller'))
+    args = ('--stage=2', '--template=phi', '--connector=mova', '--mova_pool=1', '--mova_blocks=1', '--max_steps=6',
+            f'--data_json={small_shapes}/instruct.json', f"--routing_from={tmp_path / 'labeller'}",
+            '--routing_samples=8')
+    full = tmp_path / 'ablate' / 'mova_routed' / 'seed0'  # where ablate.py puts it: plot.py's routing figure reads it
+    state, losses = run_train(small_shapes, full, *args, '--eval_shapes_at_end=True',
+                              '--shapes_benchmarks=lab_pope,lab_gqa', '--eval_route=llm')
+    run_train(small_shapes, tmp_path / 'cut', *args, '--stop_at_step=3')
+    resumed_state, resumed = run_train(small_shapes, tmp_path / 'cut', *args, '--init_from=resume')
+    assert len(losses) == len(resumed) == 6 and losses == pytest.approx(resumed, abs=1e-5)
+    for k in state:
+        torch.testing.assert_close(state[k], resumed_state[k], atol=1e-5, rtol=1e-5)
+    assert parts(state, 'mova.blocks.0.cross_attns.') and not parts(state, 'moecs.')
+    routing_data = json.loads((full / 'routing' / 'instruct.json').read_text())
+    routing = [s for s in routing_data if s['id'].endswith('-routing')]
+    assert len(routing) == 8 and all(s['experts'] == [] for s in routing)
+    model = MoCHA.from_pretrained(str(full / 'ckpt')).eval()
+    ids = model.tokenizer(routing[0]['conversations'][0]['value'].replace('<image>', '')).input_ids
+    assert model.tokenizer.unk_token_id not in ids                     # the routing prompt's words were appended
+    routed = json.loads((full / 'eval' / 'results.json').read_text())['lab_pope']
+    questions = ev.read_jsonl(small_shapes / 'eval' / 'lab' / 'pope' / 'llava_pope_test.jsonl')
+    assert routed['num_missing'] == 0 and routed['mova_routing']['answers'] == len(questions)
+    assert 0 <= routed['mova_routing']['matches_oracle'] <= 100         # scored against the shipped probe matrix
+    probe = json.loads(open('weights/towers/probe.json').read())
+    oracle = ev.evaluate_shapes(model, model.tokenizer, str(small_shapes), str(tmp_path / 'oracle'), max_new_tokens=3,
+                                benchmarks=['lab_pope'], route='oracle', probe=probe)['lab_pope']
+    assert oracle['num_missing'] == 0 and oracle['mova_routing']['malformed'] == 0
+    import towers
+    from mova import routing_answer
+    experts = ['siglip', 'convnext', 'dinov2']
+    for answer, question in zip(ev.read_jsonl(tmp_path / 'oracle' / 'lab_pope_answers.jsonl'), questions):
+        chosen = towers.oracle_experts(question['text'], probe, experts)
+        assert answer['metadata']['experts'] == routing_answer(torch.tensor([e in chosen for e in experts]))
+    import plot
+    plot.plot_routing(str(tmp_path / 'ablate'), str(small_shapes), str(tmp_path / 'routing.png'))
+    assert (tmp_path / 'routing.png').stat().st_size > 10_000
 
 
 def test_routing_data_labels_each_sample_by_the_experts_that_lower_its_answer_loss(small_shapes, tmp_path):
@@ -2591,18 +2657,30 @@ def test_routing_data_labels_each_sample_by_the_experts_that_lower_its_answer_lo
         one = mova.answer_losses(model, batch, torch.tensor([[True, False, False]] * 3))
     assert torch.equal(mova.routing_labels(model, batch)[:, 0], one < none)
     counts = mova.write_routing_data(model, f'{small_shapes}/instruct.json', f'{small_shapes}/images',
-                                     str(tmp_path / 'routing.json'), batch_size=4, max_samples=6)
-    written = json.loads((tmp_path / 'routing.json').read_text())
+                                     str(tmp_path / 'routing'), batch_size=4, max_samples=6)
+    written = json.loads((tmp_path / 'routing' / 'instruct.json').read_text())
     routing = [s for s in written if s['id'].endswith('-routing')]
     assert len(written) == len(json.loads((small_shapes / 'instruct.json').read_text())) + 6 == len(routing) + len(dataset)
     assert sum(counts.values()) >= 6
+    experts = ['siglip', 'convnext', 'dinov2']
+    labelled = {s['id']: s['experts'] for s in written if 'experts' in s and not s['id'].endswith('-routing')}
+    assert len(labelled) == 6
     for sample in routing:
         human, answer = sample['conversations']
         assert human['value'].startswith('<image>\nYou are a helpful assistant router.')
         assert not mova.parse_routing(answer['value'], 3)[1]                     # letters or none, never junk
-    routed = data.LLaVADataset(str(tmp_path / 'routing.json'), f'{small_shapes}/images', model.tokenizer, 'phi', 64,
-                               2048, model.num_visual_tokens)
+        assert sample['experts'] == []                                           # routed through the base alone
+        chosen = labelled[sample['id'].removesuffix('-routing')]                 # the labels, in both forms
+        assert answer['value'] == mova.routing_answer(torch.tensor([e in chosen for e in experts]))
+    routed = data.LLaVADataset(str(tmp_path / 'routing' / 'instruct.json'), f'{small_shapes}/images', model.tokenizer,
+                               'phi', 64, 2048, model.num_visual_tokens, experts=experts)
     assert len(routed) == len(written) and not routed.skipped
+    batch = data.collate([routed[i] for i in range(len(routed))], model.tokenizer.eos_token_id, 64)
+    masks = {s['id']: [e in s.get('experts', experts) for e in experts] for s in routed.samples if s.get('image')}
+    assert batch['expert_mask'].tolist() == [masks[i] for i in batch['ids'] if i in masks]
+    grown = AutoTokenizer.from_pretrained(str(tmp_path / 'routing' / 'tokenizer'))
+    assert grown.get_vocab() | model.tokenizer.get_vocab() == grown.get_vocab()   # words appended, none moved
+    assert grown.unk_token_id not in grown(routing[0]['conversations'][0]['value']).input_ids
 
 
 @pytest.fixture(scope='module')
@@ -2710,10 +2788,17 @@ def test_ablate_starts_each_run_after_its_own_sources_only(tmp_path, monkeypatch
     assert ablate.sources('lm', 1, [], checkpoint_of) == []
     assert ablate.sources('full', 1, [], checkpoint_of) == [('lm', 1)]
     assert ablate.sources('upcycled', 1, [], checkpoint_of) == [('lm', 1), ('mlp', 1)]
-    with pytest.raises(FileNotFoundError, match='upcycled seed 2 upcycles'):
+    with pytest.raises(FileNotFoundError, match='upcycled seed 2 starts from'):
         ablate.sources('upcycled', 2, [], checkpoint_of)
     monkeypatch.setattr(ablate, 'lm_config', '')  # --lm_config= : no text step, so nothing to wait for but the upcycled MLP
     assert ablate.sources('upcycled', 0, [], checkpoint_of) == [('mlp', 0)]
+    # MoVA's chain: every expert, then a run routed by its labels, then that run's weights routed by the oracle
+    assert [ablate.depth(v) for v in ('mova', 'mova_routed', 'mova_oracle')] == [0, 1, 2]
+    checkpoint_of = {os.path.join(ablate.train_command(v, 0, [])[0], 'ckpt'): (v, 0) for v in ('mova', 'mova_routed')}
+    assert ablate.sources('mova_routed', 0, [], checkpoint_of) == [('mova', 0)]
+    assert ablate.sources('mova_oracle', 0, [], checkpoint_of) == [('mova_routed', 0)]
+    command = ablate.train_command('mova_oracle', 0, ['--max_steps=5'])[1]
+    assert command[1] == 'eval.py' and '--route=oracle' in command and '--max_steps=5' not in command
 
 
 def test_loader_table_times_one_worker_against_what_each_gpu_needs():

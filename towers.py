@@ -12,7 +12,8 @@ captions can only be matched by every fact the tower can see.
 
     python towers.py                       # pretrain all four into weights/towers/<name>/
     python towers.py --tower=clip          # one of them
-    python towers.py --probe=True          # held-out linear-probe accuracy, pretrained and random towers
+    python towers.py --probe=True          # held-out linear-probe accuracy, pretrained and random towers,
+                                           # printed and written to weights/towers/probe.json
 
 Measured on 2 cores, 2026-12-04, the ViTs one after another beside the ConvNeXt (pretrain.json in each folder):
 40-80 s to render the scenes and twins, then siglip 183 s, convnext 1 249 s, clip 158 s, dinov2 154 s. The probe
@@ -553,6 +554,40 @@ def print_matrix(rows):
               f"a factor with best - worst >= 20 points: {max(spread.values()) >= 20}")
 
 # -----------------------------------------------------------------------------
+# MoVA's oracle routing on the lab (ablate.py's mova_oracle): the towers that carry what a question asks about
+
+QUESTION_FACTORS = {  # a question needs a factor when it holds one of these words: "What colour is the square on the
+    'color': {*shapes.COLORS, 'color'},  # left?" needs the colour, the shape (to find it) and the position
+    'shape': {*shapes.SHAPES, *(s + 's' for s in shapes.SHAPES), 'shape'},
+    'size': {*shapes.SIZES, 'size'},
+    'texture': {*shapes.TEXTURES, 'texture'},
+    'position': {'where', 'left', 'right', 'top', 'bottom', 'center', 'side', 'corners'},
+    'count': {*shapes.LAB_NUMBER_WORDS, 'many'},
+}
+
+
+def question_factors(question):
+    """The probe matrix's factors a question names, in FACTORS order ('binding' has no word of its own)."""
+    words = set(question.lower().replace('?', ' ').replace('.', ' ').split())
+    return [factor for factor in FACTORS if words & QUESTION_FACTORS.get(factor, set())]
+
+
+def oracle_experts(question, probe, experts):
+    """The experts (a subset of `experts`, MoVA's experts in the adapter's order) an oracle routes `question` to:
+    for each factor it names, the expert with the best held-out probe accuracy on that factor (probe: the pretrained
+    rows of the probe matrix, {tower: {factor: %}}). MoVA asks its LLM for this choice; the base tower is always used,
+    so it is not a candidate. A question that names no factor gets no expert."""
+    chosen = {max(experts, key=lambda name: probe[name][factor]) for factor in question_factors(question)}
+    return [name for name in experts if name in chosen]
+
+
+def write_probe(rows, path):
+    """The probe matrix as JSON ({row: {factor: %}}), written atomically: MoVA's oracle reads it."""
+    with open(path + '.tmp', 'w') as f:
+        json.dump(rows, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+# -----------------------------------------------------------------------------
 
 if __name__ == '__main__':
     exec(open('configurator.py').read())
@@ -565,8 +600,11 @@ if __name__ == '__main__':
         paths = {n: os.path.join(out_dir, n) for n in names if os.path.isdir(os.path.join(out_dir, n))}
         assert paths, f"no towers in {out_dir}: run python towers.py first"
         start = time.time()
-        print_matrix(probe_matrix(paths, resolution, num_probe_scenes, image_px, seed))
-        print(f"probe matrix in {time.time() - start:.0f} s ({torch.get_num_threads()} threads)")
+        rows = probe_matrix(paths, resolution, num_probe_scenes, image_px, seed)
+        print_matrix(rows)
+        write_probe(rows, os.path.join(out_dir, 'probe.json'))
+        print(f"probe matrix in {time.time() - start:.0f} s ({torch.get_num_threads()} threads), "
+              f"written to {os.path.join(out_dir, 'probe.json')}")
     else:
         start = time.time()
         images, (scenes, twin_scenes) = render_lab(seed, num_scenes, image_px, twins=True,

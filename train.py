@@ -91,6 +91,11 @@ mova_blocks = 3            #       its blocks, the experts each image's gate kee
                            #       (the released 3, 3, 2)
 mova_top_k = 3
 mova_pool = 2
+routing_from = ''          # MoVA: a trained MoVA checkpoint (every expert on) labels routing_samples of data_json's samples
+routing_samples = 0        #   by MoVA's rule into out_dir/routing/ (mova.write_routing_data), whose data and tokenizer
+                           #   this run trains on; 0 = every sample with an image
+eval_route = ''            # MoVA, eval_shapes_at_end: '' every expert | 'llm' its routing pass first | 'oracle' (eval.py)
+probe_json = 'weights/towers/probe.json'  # the lab's probe matrix: the oracle, and what 'llm' routing is scored against
 balance_coef = 0.1         # Eq. 10: the weights of the MoECs' load-balancing loss
 z_coef = 0.01              #          and of their routers' z-loss
 llm = 'microsoft/phi-2'
@@ -126,6 +131,7 @@ overridden = {k for k in config_keys if config[k] != defaults[k]}  # by a config
 # every process checks the enumerated options, so a typo never falls back to a default under torchrun
 for name, allowed in (('parallel', ('ddp', 'fsdp')), ('stage', (1, 2)), ('template', TEMPLATES),
                       ('fusion', ('sequence', 'channel')), ('connector', ('moec', 'mova')),
+                      ('eval_route', ('', 'llm', 'oracle')),
                       ('on_bad_sample', ('skip', 'error')),
                       ('image_aspect', IMAGE_ASPECTS),
                       ('dtype', ('float32', 'bfloat16', 'float16'))):
@@ -135,6 +141,8 @@ if stage == 1 and not train_connectors:
     raise ValueError("stage 1 trains the connectors alone: train_connectors=False leaves nothing to train")
 if lora_rank and stage != 2:
     raise ValueError(f"lora_rank={lora_rank}: LoRA adapts the LLM, which only stage 2 trains")
+if (routing_from or eval_route) and connector != 'mova':
+    raise ValueError(f"routing_from and eval_route are MoVA's routing, and connector={connector!r}")
 
 # distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE
 distributed = int(os.environ.get('RANK', -1)) != -1
@@ -173,10 +181,11 @@ if device_type == 'cuda':
 
 # -----------------------------------------------------------------------------
 # data
+shapes_dir = os.path.dirname(data_json)  # the shapes world's folder (its benchmarks), whatever data routing adds
 if prepare_shapes_data:
     from shapes import prepare_shapes
     if master and not os.path.exists(data_json):
-        prepare_shapes(os.path.dirname(data_json))
+        prepare_shapes(shapes_dir)
     if llm_source == 'pretrained' and not os.path.isdir(llm):
         raise FileNotFoundError(f"llm={llm!r} is not there yet: the shapes world's LM is pretrained on text first, "
                                 f"by `python train.py config/shapes_lm.py`")
@@ -184,14 +193,26 @@ if prepare_shapes_data:
         dist.barrier()
 if eval_shapes_at_end and not dry_run:  # the benchmarks' files are checked now, not after hours of training
     from eval import shapes_files
-    shapes_benchmark_files = shapes_files(os.path.dirname(data_json))
+    shapes_benchmark_files = shapes_files(shapes_dir)
     for benchmark in shapes_benchmarks.split(','):
         if benchmark not in shapes_benchmark_files:
             raise ValueError(f"shapes_benchmarks: unknown {benchmark!r}, expected some of {list(shapes_benchmark_files)}")
         missing = [path for path in shapes_benchmark_files[benchmark].values() if not os.path.exists(path)]
         if missing:
             raise FileNotFoundError(f"eval_shapes_at_end: {benchmark} needs {missing}, which is not there (written by "
-                                    f"an older shapes.py? delete {os.path.dirname(data_json)} and run `python shapes.py`)")
+                                    f"an older shapes.py? delete {shapes_dir} and run `python shapes.py`)")
+if routing_from and not dry_run:  # MoVA's routing data: labelled once, by a MoVA model trained with every expert
+    routing_dir = os.path.join(out_dir, 'routing')
+    if master and not os.path.exists(os.path.join(routing_dir, 'instruct.json')):  # a resumed run keeps its labels
+        from mova import write_routing_data
+        started = time.time()
+        counts = write_routing_data(MoCHA.from_pretrained(routing_from).to(device), data_json, image_folder,
+                                    routing_dir, max_samples=routing_samples, seed=seed)
+        log(f"routing data in {routing_dir} ({time.time() - started:.0f} s), labelled by {routing_from}: answers with "
+            f"each expert letter or none: {dict(sorted(counts.items()))}")
+    if distributed:
+        dist.barrier()
+    data_json, tokenizer = os.path.join(routing_dir, 'instruct.json'), os.path.join(routing_dir, 'tokenizer')
 
 model_config = MoCHAConfig(
     encoders=tuple(encoders), encoder_source=encoder_source, encoder_paths=dict(encoder_paths),
@@ -297,8 +318,11 @@ log(f"stage {stage}: {sum(p.numel() for p in model.parameters() if p.requires_gr
     f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {model.num_visual_tokens} visual tokens")
 warn_past_trained_positions(model.llm.config)
 
+# MoVA: the routing labels' experts per sample (mova.write_routing_data); every expert where a sample names none
+mova_expert_names = ([n for n in model.encoders.encoders if n != model.config.mova_base]
+                     if model.config.connector == 'mova' else [])
 dataset = LLaVADataset(data_json, image_folder, tokenizer_, template, image_size, max_length,
-                       model.num_visual_tokens, on_bad_sample, image_aspect)
+                       model.num_visual_tokens, on_bad_sample, image_aspect, experts=mova_expert_names)
 # the held-out slice for the validation loss: a fixed-seed draw, so the same samples whatever `seed` is
 held_out = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:math.ceil(val_fraction * len(dataset))]
 val_indices = sorted(held_out.tolist())
@@ -349,7 +373,8 @@ def step_inputs(batch, num_target_tokens, with_stats=True):
     """MoCHA.forward's arguments for one micro-batch, on the device."""
     return dict(input_ids=batch['input_ids'].to(device), attention_mask=batch['attention_mask'].to(device),
                 labels=batch['labels'].to(device), images=batch['images'].to(device),
-                num_target_tokens=num_target_tokens, with_stats=with_stats)
+                num_target_tokens=num_target_tokens, with_stats=with_stats,
+                expert_mask=batch['expert_mask'].to(device) if 'expert_mask' in batch else None)
 
 
 def tokens_in(batch):
@@ -675,7 +700,12 @@ if merge_lora and master and lora_rank and step + 1 == total_steps:
 if eval_shapes_at_end and step + 1 == total_steps:
     from eval import checkpoint_stamp, evaluate_shapes
     raw_model.eval()
-    evaluate_shapes(raw_model, tokenizer_, os.path.dirname(data_json), os.path.join(out_dir, 'eval'),
-                    benchmarks=shapes_benchmarks.split(','), weights=checkpoint_stamp(ckpt_dir))
+    probe = None
+    if eval_route and os.path.exists(probe_json):
+        with open(probe_json) as f:
+            probe = json.load(f)
+    evaluate_shapes(raw_model, tokenizer_, shapes_dir, os.path.join(out_dir, 'eval'),
+                    benchmarks=shapes_benchmarks.split(','), weights=checkpoint_stamp(ckpt_dir), route=eval_route,
+                    probe=probe)
 if distributed:
     dist.destroy_process_group()
