@@ -811,7 +811,7 @@ if __name__ == '__main__':
     max_new_tokens = 128  # LLaVA's default; benchmark answers are a word or two
     route = ''  # MoVA checkpoints: '' every expert; 'llm' its two passes, the LLM picking each image's experts first;
                 # 'oracle' the experts the lab's probe matrix says carry what the question names (towers.py)
-    probe_json = 'weights/towers/probe.json'  # the probe matrix: the oracle, and what 'llm' routing is scored against
+    probe_json = 'weights/towers/probe.json'  # shapes: the probe matrix, the oracle and what 'llm' routing is scored against
     # system
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -842,13 +842,13 @@ if __name__ == '__main__':
         print(f"WARNING: {ckpt_dir} was trained with the {model.config.template!r} template; prompting it with "
               f"{template!r} instead gives it prompts it has never seen")
         model.config.template = template
-    probe = None
-    if route and os.path.exists(probe_json):
+    probe = None  # the lab's towers' matrix: it knows the shapes world's questions and towers, no real benchmark's
+    if route and benchmark == 'shapes' and os.path.exists(probe_json):
         with open(probe_json) as f:
             probe = json.load(f)
     elif route == 'oracle':
-        raise FileNotFoundError(f"route=oracle reads the probe matrix {probe_json}: write it with "
-                                f"`python towers.py --probe=True`")
+        raise ValueError(f"route=oracle routes the shapes world's questions by the lab's probe matrix ({probe_json}, "
+                         f"`python towers.py --probe=True`): benchmark=shapes only")
     model_id = os.path.basename(os.path.normpath(ckpt_dir))
     out_dir = out_dir or os.path.join(ckpt_dir, f'eval_{benchmark}' + (f'_{route}' if route else ''))
 

@@ -275,7 +275,9 @@ class Encoders(nn.Module):
     def dims(self):
         return [e.dim for e in self.encoders.values()]
 
-    def forward(self, images):  # [B, 3, S, S] uint8, or float in [0, 1]
+    def forward(self, images, skip=()):  # [B, 3, S, S] uint8, or float in [0, 1]
+        """Each encoder's tokens [B, N_g, d_enc], in order; an encoder named in `skip` is not run and gives zeros
+        (MoVA: an expert no image of the batch uses)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         if images.dtype == torch.uint8:
@@ -283,7 +285,8 @@ class Encoders(nn.Module):
         elif not images.is_floating_point():
             raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            return [encoder(images) for encoder in self.encoders.values()]  # each [B, N_g, d_enc]
+            return [images.new_zeros(len(images), encoder.num_tokens, encoder.dim) if name in skip else encoder(images)
+                    for name, encoder in self.encoders.items()]  # each [B, N_g, d_enc]
 
 # -----------------------------------------------------------------------------
 # MoEC: mixture-of-experts connector (Eqs. 2-5), one per encoder
@@ -550,13 +553,17 @@ class MoCHA(nn.Module):
         stats: None, or a dict that gets one dict per MoEC (by encoder name) and 'hga' (MoEC.forward, HGA.attend).
         connector='mova' only: prompt_embeds [B, d_llm], what its gate reads of the question (zeros if None), and
         expert_mask [B, E] bool, the experts the routing chose (None: every one)."""
-        encoder_tokens = self.encoders(images)                              # Eq. 1: each [B, N_g, d_enc]
         if self.config.connector == 'mova':
-            tokens = dict(zip(self.encoders.encoders, encoder_tokens))
+            # an expert that no image of the batch uses (none in the routing pass) is not run: the gate weighs its
+            # zeros by exactly 0, so the output is the same, and a two-pass answer runs the experts once
+            experts = [name for name in self.encoders.encoders if name != self.config.mova_base]
+            unused = [] if expert_mask is None else [n for n, used in zip(experts, expert_mask.any(0)) if not used]
+            tokens = dict(zip(self.encoders.encoders, self.encoders(images, skip=unused)))
             base = tokens.pop(self.config.mova_base)
             if prompt_embeds is None:
                 prompt_embeds = base.new_zeros(len(images), self.llm.config.hidden_size)
             return self.mova(base, list(tokens.values()), prompt_embeds, expert_mask), 0.0, 0.0
+        encoder_tokens = self.encoders(images)                              # Eq. 1: each [B, N_g, d_enc]
         if self.config.fusion == 'channel':
             encoder_tokens = [resample_grid_and_concat(encoder_tokens, self.group_sizes[0])]
         projected, balance_loss, z_loss = [], 0.0, 0.0

@@ -815,6 +815,31 @@ def test_the_routing_prompt_grows_a_word_tokenizer_and_leaves_a_byte_level_one_a
     assert add_missing_words(byte_level, [prompt]) == [] and len(byte_level) == size
 
 
+def test_mova_runs_only_the_experts_its_batch_uses_and_answers_the_same(tokenizer_dir):
+    """The routing pass (no expert) runs CLIP alone; an answer pass runs the experts some image chose. The skipped
+    ones' zeros are weighed by exactly 0, so the visual tokens equal those of running every encoder."""
+    torch.manual_seed(0)
+    model = MoCHA(tiny_config(tokenizer_dir, connector='mova', mova_pool=1, mova_blocks=1)).eval()
+    trained_looking(model.mova)
+    calls = []
+    hooks = [encoder.register_forward_hook(lambda module, args, out, name=name: calls.append(name))
+             for name, encoder in model.encoders.encoders.items()]
+    images, prompt = random_images(2), torch.randn(2, model.llm.config.hidden_size)
+    every = dict(zip(model.encoders.encoders, model.encoders(images)))
+    base = every.pop('clip')
+    try:
+        for mask, run in (([[0, 0, 0], [0, 0, 0]], ['clip']), ([[1, 0, 0], [0, 0, 1]], ['siglip', 'clip', 'dinov2'])):
+            calls.clear()
+            mask = torch.tensor(mask, dtype=torch.bool)
+            with torch.no_grad():
+                visual = model.encode_images(images, prompt_embeds=prompt, expert_mask=mask)[0]
+                reference = model.mova(base, list(every.values()), prompt, mask)
+            assert calls == run and torch.equal(visual, reference)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_mova_in_mocha_trains_its_adapter_and_saves_it(tokenizer_dir, tmp_path):
     """connector='mova': the encoders and the LLM path are MoCHA's, the adapter replaces MoECs and HGA."""
     torch.manual_seed(0)
