@@ -402,16 +402,18 @@ def instruct_json(folder, image_names, words, rng):
     return path
 
 
-def prefill_tflops(llm_id, connector, text_tokens):
+def prefill_tflops(llm_id, connector, text_tokens, no_expert=False):
     """TFLOP of one forward over <image> + text_tokens tokens at full size (fake tensors, bf16 autocast): a greedy
     answer's prefill, and the encoders' share of it; and the visual tokens. The LM head runs over every position here
-    (generate needs the last one's only)."""
+    (generate needs the last one's only). no_expert: MoVA's routing pass, the base path alone (CLIP, no expert run)."""
     with torch.device('meta'):
         model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=llm_id, connector=connector))
     input_ids = torch.full((1, 1 + text_tokens), 3)
     input_ids[0, 0] = IMAGE_TOKEN_ID
     prompt = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                   images=torch.empty(1, 3, 336, 336, dtype=torch.uint8))
+    if no_expert:
+        prompt['expert_mask'] = torch.zeros(1, len(model.encoders.encoders) - 1, dtype=torch.bool)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         counted = count_flops(model, prompt, backward=False)
     encoders = sum(sum(ops.values()) for name, ops in counted['by_module'].items() if name == 'MoCHA.encoders')
@@ -427,11 +429,12 @@ def answer_table():
           f"routes with its routing prompt ({routing_tokens} more tokens, counted with a byte-level BPE trained on "
           f"this repo's docs), then answers (the few generated tokens not counted)")
     print(f"{'model':<22s} {'visual':>7s} {'routing':>8s} {'answer':>8s} {'total':>8s} {'encoders':>9s}  (TFLOP; "
-          f"encoders: their share of one pass, which our routing pass runs again)")
+          f"encoders: their share of the answer pass, every expert on; the routing pass runs CLIP alone)")
     for llm_id in LLM_SPECS:
         for connector in ('moec', 'mova'):
             answer, encoders, visual = prefill_tflops(llm_id, connector, answer_text_tokens)
-            routing = prefill_tflops(llm_id, connector, answer_text_tokens + routing_tokens)[0] if connector == 'mova' else 0
+            routing = (prefill_tflops(llm_id, connector, answer_text_tokens + routing_tokens, no_expert=True)[0]
+                       if connector == 'mova' else 0)
             name = ('MoVA-' if connector == 'mova' else 'MoCHA-') + llm_id.split('/')[-1]
             print(f"{name:<22s} {visual:7d} {routing:8.2f} {answer:8.2f} {routing + answer:8.2f} {encoders:9.2f}")
 
