@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed._tools.mem_tracker import MemTracker
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from data import IMAGE_ASPECTS, TEMPLATES, LLaVADataset, collate, dry_run_report, length_grouped
 from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig, collapsed_experts, count_flops, lean_memory_tracker
@@ -239,7 +240,6 @@ def warn_past_trained_positions(llm_config):
 
 
 if dry_run:  # the data as the model will get it; the architecture is built on the meta device, no weights
-    from transformers import AutoTokenizer
     with torch.device('meta'):
         shape_only = MoCHA(dataclasses.replace(
             model_config, tokenizer=None if llm_source == 'pretrained' else model_config.tokenizer,
@@ -285,6 +285,9 @@ elif init_from != 'scratch':
     model = MoCHA.from_pretrained(init_from, **training_settings)
 else:
     model = MoCHA(model_config)
+if routing_from and len(model.tokenizer) < len(AutoTokenizer.from_pretrained(tokenizer)):
+    raise ValueError(f"routing_from: {tokenizer} holds the routing prompt's words, appended to the tokenizer, and "
+                     f"init_from={init_from} brings its own, smaller one: start the routed run from scratch")
 start_step, skipped_total = 0, 0
 if init_from == 'resume':  # the step now; the optimizer's state and the RNG once it is built
     train_state = torch.load(os.path.join(resume_dir, 'train_state.pt'), weights_only=False)
