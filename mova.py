@@ -215,11 +215,12 @@ def add_missing_words(tokenizer, texts):
 
 def write_routing_data(model, data_json, image_folder, out_dir, batch_size=16, margin=0.0, max_samples=0, seed=0):
     """MoVA's routing data from a trained MoVA model (every expert on), in out_dir:
-    - instruct.json: data_json's samples, and for each of the first max_samples (0: all) with an image, a routing
-      conversation, the routing prompt over its first question answered with the experts its labels pick, shuffled
-      in. Each labelled sample gets "experts", the names it was labelled with, and each routing conversation
-      "experts": [] (the routing pass sees the image through the base path alone, as eval.py's does); train.py
-      trains MoVA's adapter on them with those experts, so that it has seen the subsets routing picks;
+    - instruct.json: data_json's samples, and for each of max_samples of them (0: all) with an image, a routing
+      conversation, the routing prompt over its first question answered with the experts its labels pick (those that
+      lower the loss of that question's answer), shuffled in. Each labelled sample gets "experts", the names it was
+      labelled with, and each routing conversation "experts": [] (the routing pass sees the image through the base
+      path alone, as eval.py's does); train.py trains MoVA's adapter on them with those experts, so that it has seen
+      the subsets routing picks;
     - tokenizer/: the model's tokenizer with the routing prompt's words it lacks appended (add_missing_words).
     Returns the label counts per expert letter and of 'none'."""
     import json
@@ -231,6 +232,9 @@ def write_routing_data(model, data_json, image_folder, out_dir, batch_size=16, m
     experts = [name for name in model.encoders.encoders if name != config.mova_base]
     dataset = LLaVADataset(data_json, image_folder, tokenizer, config.template, config.image_size, 10 ** 6,
                            model.num_visual_tokens)
+    # each label is its first question's: the loss of that answer alone, as the routing conversation asks that question
+    # alone (a LLaVA sample holds several questions, of different kinds)
+    dataset.samples = [dict(s, conversations=s['conversations'][:2]) for s in dataset.samples]
     with_image = [i for i, s in enumerate(dataset.samples) if s.get('image')]
     with_image = random.Random(seed).sample(with_image, min(max_samples or len(with_image), len(with_image)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
