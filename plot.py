@@ -14,7 +14,8 @@ experts.png: per MoEC, the share of its routed tokens each expert got, as stacke
 run's checkpoint (out_dir/ckpt) for one fixed image and question (each patch's top-1 expert, HGA's strongest
 inter-group edges). After `python train.py config/shapes.py` it remakes every figure in docs/.
 --routing=True reads an ablate.py out_dir instead: routing.png, how often the LLM of each mova_routed run picks the
-experts the lab's oracle picks, per kind of lab GQA question, and each expert's share of the images, routed and oracle.
+experts the lab's oracle picks, per kind of lab GQA question, and each expert's share of the images, routed and by the
+oracle, and of the routing labels the run trained on.
 """
 import json
 import os
@@ -99,7 +100,8 @@ def plot_experts(logs, path):
 def plot_routing(ablate_dir, shapes_dir, path):
     """MoVA's learned routing against the oracle over ablate_dir/mova_routed/seed*/eval's answers (their metadata
     holds both choices): the share of exact matches per lab GQA question type (mean over seeds, bars from the lowest
-    to the highest seed) and each expert's share of the routed images, routed and by the oracle."""
+    to the highest seed) and each expert's share of the routed images, routed and by the oracle, and of the training
+    samples' routing labels (the run's routing/instruct.json)."""
     from mova import LETTERS
     with open(os.path.join(shapes_dir, 'eval', 'lab', 'gqa', 'testdev_balanced_questions.json')) as f:
         kinds = {qid: q['types']['detailed'] for qid, q in json.load(f).items()}
@@ -108,7 +110,8 @@ def plot_routing(ablate_dir, shapes_dir, path):
     if not runs:
         raise SystemExit(f"no {ablate_dir}/mova_routed/seed*/eval/lab_gqa_answers.jsonl: run ablate.py's mova_routed")
     matches = defaultdict(list)                        # question type -> per seed: % routed exactly as the oracle
-    shares = {'routed': defaultdict(list), 'oracle': defaultdict(list)}  # letter -> per seed: % of images using it
+    shares = {'routed': defaultdict(list), 'oracle': defaultdict(list), 'training labels': defaultdict(list)}
+    # letter -> per seed: % of images using it (training labels: of the run's routing conversations)
     for run in runs:
         answers = read_jsonl(os.path.join(run, 'eval', 'lab_gqa_answers.jsonl'))
         routed = [a['metadata'] for a in answers]
@@ -119,10 +122,13 @@ def plot_routing(ablate_dir, shapes_dir, path):
             by_kind['all'].append(same)
         for kind, same in by_kind.items():
             matches[kind].append(100 * sum(same) / len(same))
-        for which in shares:
+        with open(os.path.join(run, 'routing', 'instruct.json')) as f:
+            labels = [s['conversations'][1]['value'] for s in json.load(f) if s['id'].endswith('-routing')]
+        chosen = dict(routed=[m['experts'] for m in routed], oracle=[m['oracle'] for m in routed],
+                      **{'training labels': labels})
+        for which, answers in chosen.items():
             for letter in LETTERS[:3]:
-                used = [letter in meta['oracle' if which == 'oracle' else 'experts'].split(', ') for meta in routed]
-                shares[which][letter].append(100 * sum(used) / len(used))
+                shares[which][letter].append(100 * sum(letter in a.split(', ') for a in answers) / len(answers))
     kinds_shown = sorted(k for k in matches if k != 'all') + ['all']
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw=dict(width_ratios=[3, 1]), dpi=DPI)
     means = [statistics.mean(matches[k]) for k in kinds_shown]
@@ -133,12 +139,13 @@ def plot_routing(ablate_dir, shapes_dir, path):
     left.set(ylabel="% of questions routed exactly as the oracle", ylim=(0, 100),
              title=f"lab GQA: the LLM's routing against the probe matrix's oracle ({len(runs)} seeds)")
     experts = ['siglip', 'convnext', 'dinov2']  # the adapter's experts (A, B, C): ENCODER_ORDER without CLIP, the base
-    for offset, which in ((-0.2, 'routed'), (0.2, 'oracle')):
-        right.bar([i + offset for i in range(3)], [statistics.mean(shares[which][l]) for l in LETTERS[:3]], width=0.4,
+    for offset, which in zip((-0.27, 0, 0.27), shares):
+        right.bar([i + offset for i in range(3)], [statistics.mean(shares[which][l]) for l in LETTERS[:3]], width=0.27,
                   label=which)
     right.set_xticks(range(3), experts)
-    right.set(ylabel='% of lab GQA images', ylim=(0, 100), title='each expert chosen')
-    right.legend()
+    right.set(ylabel='% of lab GQA images (labels: of training samples)', ylim=(0, 120), yticks=range(0, 101, 20),
+              title='each expert chosen')
+    right.legend(loc='upper center', ncol=3, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
