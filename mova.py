@@ -22,8 +22,7 @@ paper's rule, an expert is right for a sample when it lowers the loss of the sam
 
     python mova.py --ckpt_dir=out/mova-phi2-stage2/ckpt --data_json=playground/data/llava_v1_5_mix665k.json \
         --image_folder=playground/data --out_dir=out/mova-routing
-    torchrun --nproc_per_node=8 train.py config/mova_stage2.py --data_json=out/mova-routing/instruct.json \
-        --tokenizer=out/mova-routing/tokenizer --out_dir=out/mova-phi2-routed
+    torchrun --nproc_per_node=8 train.py config/mova_stage2_routed.py
 
 Where this file departs from the released adapter (each to keep it short; none measured against it):
 - the gate reads the mean of the LLM's own input embeddings over the prompt's tokens, not BERT-large's CLS of the
