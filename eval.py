@@ -333,7 +333,7 @@ def route_experts(model, tokenizer, texts, images, template):
     each image, seen through the adapter with no expert, and answers with the experts' letters. Returns the expert
     masks [n_img, E] and the routing answers; an answer parse_routing cannot read uses every expert."""
     from mova import parse_routing, routing_question
-    experts = mova_experts(model)
+    experts = model.mova_experts
     prompts = [data.build_prompt('<image>\n' + routing_question(text.replace('<image>', '').strip(), experts,
                                                                   model.config.mova_top_k), tokenizer, template)
                for text in texts]
@@ -343,17 +343,12 @@ def route_experts(model, tokenizer, texts, images, template):
     return torch.stack(masks), answers, malformed
 
 
-def mova_experts(model):
-    """A MoVA model's experts, in its adapter's order: every encoder but the base."""
-    return [name for name in model.encoders.encoders if name != model.config.mova_base]
-
-
 def oracle_routing(model, texts, probe):
     """The lab's oracle in place of the LLM's routing pass (towers.oracle_experts: per factor a question names, the
     expert the probe matrix reads it best with). The masks [n_img, E] and the choices as routing answers."""
     from mova import routing_answer
     from towers import oracle_experts
-    experts = mova_experts(model)
+    experts = model.mova_experts
     masks = torch.tensor([[name in oracle_experts(text, probe, experts) for name in experts] for text in texts],
                          dtype=torch.bool).view(len(texts), len(experts))
     return masks, [routing_answer(mask) for mask in masks]
@@ -576,7 +571,7 @@ def run_benchmark(model, tokenizer, benchmark, files, out_dir, batch_size, max_n
     # wall time of this run's answering per question (batched, all ranks together); None when it answered none
     results['seconds_per_answer'] = seconds / answered if answered else None
     if route:
-        results['mova_routing'] = dict(route=route, **(routing_summary(answers, mova_experts(model)) or {}))
+        results['mova_routing'] = dict(route=route, **(routing_summary(answers, model.mova_experts) or {}))
     if benchmark in ('gqa', 'lab_gqa'):  # the inputs of the official scorers, to check these numbers with them
         predictions_dir = out_dir if benchmark == 'gqa' else os.path.join(out_dir, 'lab')  # same file name
         os.makedirs(predictions_dir, exist_ok=True)

@@ -537,6 +537,13 @@ class MoCHA(nn.Module):
         return [self.moecs, self.hga] + ([self.mova] if self.config.connector == 'mova' else [])
 
     @property
+    def mova_experts(self):
+        """MoVA: the experts, in its adapter's order (every encoder but the base); [] for MoCHA."""
+        if self.config.connector != 'mova':
+            return []
+        return [name for name in self.encoders.encoders if name != self.config.mova_base]
+
+    @property
     def group_sizes(self):
         if self.config.connector == 'mova':  # one group: the pooled base grid
             return [self.encoders.encoders[self.config.mova_base].num_tokens // self.config.mova_pool ** 2]
@@ -556,8 +563,8 @@ class MoCHA(nn.Module):
         if self.config.connector == 'mova':
             # an expert that no image of the batch uses (none in the routing pass) is not run: the gate weighs its
             # zeros by exactly 0, so the output is the same, and a two-pass answer runs the experts once
-            experts = [name for name in self.encoders.encoders if name != self.config.mova_base]
-            unused = [] if expert_mask is None else [n for n, used in zip(experts, expert_mask.any(0)) if not used]
+            unused = [] if expert_mask is None else [n for n, used in zip(self.mova_experts, expert_mask.any(0))
+                                                     if not used]
             tokens = dict(zip(self.encoders.encoders, self.encoders(images, skip=unused)))
             base = tokens.pop(self.config.mova_base)
             if prompt_embeds is None:

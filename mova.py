@@ -228,7 +228,7 @@ def write_routing_data(model, data_json, image_folder, out_dir, batch_size=16, m
     from data import LLaVADataset, collate
     model.eval()
     tokenizer, config = model.tokenizer, model.config
-    experts = [name for name in model.encoders.encoders if name != config.mova_base]
+    experts = model.mova_experts
     dataset = LLaVADataset(data_json, image_folder, tokenizer, config.template, config.image_size, 10 ** 6,
                            model.num_visual_tokens)
     # each label is its first question's: the loss of that answer alone, as the routing conversation asks that question

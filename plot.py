@@ -126,9 +126,9 @@ def plot_routing(ablate_dir, shapes_dir, path):
             labels = [s['conversations'][1]['value'] for s in json.load(f) if s['id'].endswith('-routing')]
         chosen = dict(routed=[m['experts'] for m in routed], oracle=[m['oracle'] for m in routed],
                       **{'training labels': labels})
-        for which, answers in chosen.items():
+        for which, choices in chosen.items():
             for letter in LETTERS[:3]:
-                shares[which][letter].append(100 * sum(letter in a.split(', ') for a in answers) / len(answers))
+                shares[which][letter].append(100 * sum(letter in c.split(', ') for c in choices) / len(choices))
     kinds_shown = sorted(k for k in matches if k != 'all') + ['all']
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw=dict(width_ratios=[3, 1]), dpi=DPI)
     means = [statistics.mean(matches[k]) for k in kinds_shown]

@@ -322,10 +322,8 @@ log(f"stage {stage}: {sum(p.numel() for p in model.parameters() if p.requires_gr
 warn_past_trained_positions(model.llm.config)
 
 # MoVA: the routing labels' experts per sample (mova.write_routing_data); every expert where a sample names none
-mova_expert_names = ([n for n in model.encoders.encoders if n != model.config.mova_base]
-                     if model.config.connector == 'mova' else [])
 dataset = LLaVADataset(data_json, image_folder, tokenizer_, template, image_size, max_length,
-                       model.num_visual_tokens, on_bad_sample, image_aspect, experts=mova_expert_names)
+                       model.num_visual_tokens, on_bad_sample, image_aspect, experts=model.mova_experts)
 # the held-out slice for the validation loss: a fixed-seed draw, so the same samples whatever `seed` is
 held_out = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:math.ceil(val_fraction * len(dataset))]
 val_indices = sorted(held_out.tolist())
