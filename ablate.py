@@ -3,8 +3,9 @@ The paper's ablations on the shapes world: each variant (a list of train.py over
 config/shapes.py) at each seed is one real `python train.py` run that ends with eval.py's shapes
 benchmarks; the runs are gathered into one table of mean +- std over seeds (out_dir/ablation.json,
 out_dir/ablation.md), and each variant is set against 'full' seed by seed: the paired difference on the headline
-metrics with its 95 % interval, a verdict against the paper's direction, and the smallest difference the seeds
-can detect (out_dir/paired.json, and in ablation.md).
+metrics with its 95 % interval, a verdict against the paper's direction, the smallest difference the seeds
+can detect, the seeds a 1.5-point difference needs, and how much of the spread more questions would remove
+(out_dir/paired.json, and in ablation.md).
 
 References: the paper's ablations of MoCHA-Phi2, arXiv 2507.22805: the encoders and the connector in
 Table 3 (MLP), Table 4 (upcycled MoEC) and Table 5 (MoEC + HGA), top-k in Table 6, channel against
@@ -26,6 +27,7 @@ eval/results.json exists and whose train.py command is unchanged is read, not re
 its folder to redo it. The seed is train.py's `seed` (model init and data order, in both steps); the shapes
 world itself stays the one of shapes.py's fixed seed, so the spread over seeds is training noise on one world.
 """
+import functools
 import json
 import math
 import os
@@ -249,12 +251,30 @@ def ablation_table(runs, extra):
     return table
 
 
+EFFECT = 1.5  # points: the paired difference the lab aims to detect (the paper's HGA and MoEC rows are 1-2 GQA points)
+
+
+def detectable_difference(sd, n):
+    """The smallest true paired difference that n seeds find 80 % of the time at the 5 % level, for paired
+    differences of standard deviation sd: (t_0.975 + t_0.80) sd / sqrt(n), t with n - 1 degrees of freedom."""
+    from scipy import stats
+    return (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n)
+
+
+def seeds_for(sd, effect=EFFECT):
+    """The fewest seeds whose minimum detectable paired difference is at most `effect` points."""
+    n = 2
+    while detectable_difference(sd, n) > effect and n < 1000:
+        n += 1
+    return n
+
+
 def paired(table, baseline='full', variants=None):
-    """Each variant (of `variants`, None: all) against `baseline` ('full') on the seeds both ran: per headline metric the mean paired difference (variant -
-    full) with its 95 % interval (t, n - 1), and a verdict against the paper's direction. Pairing by seed takes out
-    what a seed does to every variant alike (the same data order and initial weights). Also, per metric, the minimum
-    detectable paired difference: (t_0.975 + t_0.80) s / sqrt(n), s the paired differences' standard deviation pooled
-    over the variants: a true difference this large is found 80 % of the time at the 5 % level."""
+    """Each variant (of `variants`, None: all) against `baseline` ('full') on the seeds both ran: per headline metric
+    the mean paired difference (variant - full) with its 95 % interval (t, n - 1), and a verdict against the paper's
+    direction. Pairing by seed takes out what a seed does to every variant alike (the same data order and initial
+    weights). Also, per metric, the power: the paired differences' standard deviation pooled over the variants, the
+    minimum detectable difference at the fewest seeds run (detectable_difference), and the seeds EFFECT needs."""
     from scipy import stats
     rows, variances = {}, {name: [] for name in HEADLINE}
     full = table.get(baseline)
@@ -283,16 +303,66 @@ def paired(table, baseline='full', variants=None):
                 paper_sign = -1 if paper == 'lower' else math.copysign(1, paper)
                 verdict = "paper's direction" if detected == paper_sign else 'opposite'
             rows[variant][name] = dict(n=n, mean=mean, low=mean - half, high=mean + half, paper=paper, verdict=verdict)
-    detectable = {}
+    power = {}
     for name, pairs in variances.items():
         if pairs:
             n = min(count for _, count in pairs)
-            s = math.sqrt(statistics.mean(v for v, _ in pairs))
-            detectable[name] = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * s / math.sqrt(n)
-    return rows, detectable
+            sd = math.sqrt(statistics.mean(v for v, _ in pairs))
+            power[name] = dict(sd=sd, seeds=n, minimum_detectable=detectable_difference(sd, n),
+                               seeds_for_effect=seeds_for(sd))
+    return rows, power
 
 
-def paired_markdown(rows, detectable, baseline='full'):
+HEADLINE_BENCHMARK = dict(pope_mean='pope', gqa='gqa', lab_pope_mean='lab_pope', lab_gqa='lab_gqa')
+
+
+@functools.cache  # 'full' is read once per seed, not once per variant
+def question_scores(run_dir, benchmark):
+    """One run's headline metric on `benchmark` question by question: {question: (score, weight)}, score 100 for a
+    right answer and 0 for a wrong one, the metric being the sum of score * weight (POPE: the mean of its splits'
+    accuracies). Judged by eval.py's scorers from the run's eval/<benchmark>_answers.jsonl."""
+    import eval as ev
+    files = ev.shapes_files(shapes_dir)[benchmark]
+    answers = ev.read_jsonl(os.path.join(run_dir, 'eval', f'{benchmark}_answers.jsonl'))
+    if benchmark in ('pope', 'lab_pope'):
+        judged, _ = ev.pope_judgements(answers, files['question_file'], files['annotation_dir'])
+        return {(split, qid): (100.0 * (prediction == label), 1 / (len(judged) * len(split_rows)))
+                for split, split_rows in judged.items() for qid, prediction, label, _ in split_rows}
+    judged, _ = ev.gqa_judgements(answers, files['questions_json'])
+    return {qid: (100.0 * right, 1 / len(judged)) for qid, right, _, _ in judged}
+
+
+def question_share(table, baseline='full', variants=None):
+    """Per headline metric, the share of the paired differences' variance over seeds that is question-level noise,
+    pooled over the variants (the runs' answers on disk, out_dir/<variant>/seed<k>/eval). With d_qs a question's score
+    difference (variant - baseline) at seed s and w_q its weight, a seed's paired difference is D_s = sum_q w_q d_qs, and
+    var(D) = sum_q w_q^2 var(d_q) + the covariances between questions. The first term is the spread if each question
+    varied on its own from seed to seed: adding questions shrinks it as 1 / questions. The covariances (a seed's model
+    better on many questions at once) do not shrink, so only more seeds reduce them. Returns {metric: share}."""
+    share = {}
+    for name in HEADLINE:
+        question_level = total = 0.0
+        for variant in table:
+            if variant in (baseline, 'lm') or baseline not in table or (variants is not None and variant not in variants):
+                continue
+            seeds_both = [s for s in table[variant]['per_seed'] if s in table[baseline]['per_seed']
+                          and None not in (table[variant]['per_seed'][s][name], table[baseline]['per_seed'][s][name])]
+            if len(seeds_both) < 2:
+                continue
+            by_seed = [[question_scores(os.path.join(out_dir, v, f'seed{s}'), HEADLINE_BENCHMARK[name])
+                        for v in (variant, baseline)] for s in seeds_both]
+            questions = set.intersection(*(set(scores) for pair in by_seed for scores in pair))
+            differences = {q: [ours[q][0] - theirs[q][0] for ours, theirs in by_seed] for q in questions}
+            weights = {q: by_seed[0][1][q][1] for q in questions}
+            per_seed = [sum(weights[q] * differences[q][i] for q in questions) for i in range(len(by_seed))]
+            question_level += sum(weights[q] ** 2 * statistics.variance(differences[q]) for q in questions)
+            total += statistics.variance(per_seed)
+        if total > 0:
+            share[name] = question_level / total
+    return share
+
+
+def paired_markdown(rows, power, baseline='full', share=None):
     lines = [f'| variant − {baseline} | ' + ' | '.join(f'{name}: difference [95 % CI] | paper | verdict' for name in HEADLINE)
              + ' |', '|---|' + '---|---|---|' * len(HEADLINE)]
     for variant, by_metric in rows.items():
@@ -303,9 +373,14 @@ def paired_markdown(rows, detectable, baseline='full'):
             paper = d.get('paper')
             cells += [interval, '–' if paper is None else paper if isinstance(paper, str) else f'{paper:+.2f}', d['verdict']]
         lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
-    lines.append('')
-    lines.append('Minimum detectable paired difference (80 % power, 5 % level): ' +
-                 ', '.join(f'{name} {value:.2f}' for name, value in detectable.items()))
+    lines += ['', '| power | ' + ' | '.join(power) + ' |', '|---|' + '---|' * len(power),
+              '| paired sd, pooled | ' + ' | '.join(f"{p['sd']:.2f}" for p in power.values()) + ' |',
+              '| minimum detectable difference (80 % power, 5 % level) | ' +
+              ' | '.join(f"{p['minimum_detectable']:.2f} (n={p['seeds']})" for p in power.values()) + ' |',
+              f'| seeds to detect {EFFECT} points | ' + ' | '.join(str(p['seeds_for_effect']) for p in power.values()) + ' |']
+    if share:
+        lines.append('| question-level share of the paired variance | ' +
+                     ' | '.join(f"{share[name]:.2f}" if name in share else '–' for name in power) + ' |')
     return '\n'.join(lines) + '\n'
 
 
@@ -366,18 +441,20 @@ if __name__ == '__main__':
     with open(os.path.join(out_dir, 'ablation.md'), 'w') as f:
         f.write(f"`python ablate.py {' '.join(sys.argv[1:])}`, seeds {seeds}; mean ± std (n - 1) over seeds\n\n")
         f.write(markdown(table))
-        rows, detectable = paired(table)
+        rows, power = paired(table)
+        share = question_share(table)  # where the paired spread comes from: questions, or whole seeds
         if rows:
-            f.write('\nPaired against `full` by seed:\n\n' + paired_markdown(rows, detectable))
+            f.write('\nPaired against `full` by seed:\n\n' + paired_markdown(rows, power, share=share))
         # MoVA's routing against MoVA with every expert: what choosing the experts does, routed or by the oracle
-        mova_rows, mova_detectable = paired(table, 'mova', ('mova_routed', 'mova_oracle'))
+        mova_rows, mova_power = paired(table, 'mova', ('mova_routed', 'mova_oracle'))
         if mova_rows:
-            f.write('\nPaired against `mova` by seed:\n\n' + paired_markdown(mova_rows, mova_detectable, 'mova'))
+            f.write('\nPaired against `mova` by seed:\n\n' + paired_markdown(mova_rows, mova_power, 'mova'))
     print(markdown(table))
     if rows:
-        print(paired_markdown(rows, detectable))
+        print(paired_markdown(rows, power, share=share))
     if mova_rows:
-        print(paired_markdown(mova_rows, mova_detectable, 'mova'))
+        print(paired_markdown(mova_rows, mova_power, 'mova'))
     with open(os.path.join(out_dir, 'paired.json'), 'w') as f:
-        json.dump(dict(rows=rows, minimum_detectable=detectable, against_mova=mova_rows), f, indent=2)
+        json.dump(dict(rows=rows, power=power, question_share=share, against_mova=mova_rows, mova_power=mova_power),
+                  f, indent=2)
     print(f"wrote {out_dir}/ablation.json and ablation.md")

@@ -108,21 +108,19 @@ def yes_no_metrics(predictions, labels):
     return dict(accuracy=percent(tp + tn, len(pairs)), precision=precision, recall=recall, f1=f1,
                 yes_ratio=percent(tp + fp, len(pairs)), tp=tp, fp=fp, tn=tn, fn=fn, questions=len(pairs))
 
-def score_pope(answers, question_file, annotation_dir):
-    """POPE per split (annotation_dir/coco_pope_{split}.json, the splits present) and 'f1_avg', the mean F1
-    over them (the paper's POPE number). A split's label lines pair, in order, with the question file's
-    questions of that category (as the official script assumes); answers pair with questions by id.
-    'by_positives': all splits' questions again, grouped by how many present objects POPE asks about in
-    their image (real POPE: 3 in every image; the shapes world: its 1-3 objects), to tell 'cannot check
-    one object' from 'cannot find it among several'."""
+def pope_judgements(answers, question_file, annotation_dir):
+    """Each POPE question judged: {split: [(question_id, prediction, label, positives)]} for the splits present
+    (annotation_dir/coco_pope_{split}.json), and the ids of questions with no answer. A split's label lines pair, in
+    order, with the question file's questions of that category (as the official script assumes); answers pair with
+    questions by id; positives: how many present objects the split asks about in that question's image. score_pope
+    counts these; ablate.py reads them question by question."""
     questions = read_jsonl(question_file)
     answer_by_id = index_by(answers, lambda a: str(a['question_id']), 'POPE answers')
     question_ids = {str(q['question_id']) for q in questions}
     unknown = [qid for qid in answer_by_id if qid not in question_ids]
     if unknown:
         raise ValueError(f"POPE: {len(unknown)} answers have question ids not in {question_file}: {unknown[:5]}")
-    results, missing_ids, num_questions = {}, [], 0
-    by_positives = defaultdict(list)  # present objects asked about in the image -> [(prediction, label)]
+    judged, missing_ids = {}, []
     for split in POPE_SPLITS:
         label_file = os.path.join(annotation_dir, f'coco_pope_{split}.json')
         if not os.path.exists(label_file):
@@ -132,7 +130,7 @@ def score_pope(answers, question_file, annotation_dir):
         if len(labels) != len(split_questions):
             raise ValueError(f"{label_file} has {len(labels)} labels but {question_file} has "
                              f"{len(split_questions)} questions of category {split!r}")
-        predictions, golds = [], []
+        judged[split] = []
         positives = Counter(label.get('image') for label in labels if label.get('label') == 'yes')
         for line_number, (question, label) in enumerate(zip(split_questions, labels), 1):
             if 'image' in label and label['image'] != question.get('image'):
@@ -140,60 +138,79 @@ def score_pope(answers, question_file, annotation_dir):
                                  f"{split} question {question['question_id']} is about {question.get('image')}")
             if label.get('label') not in ('yes', 'no'):
                 raise ValueError(f"{label_file}:{line_number}: expected label 'yes' or 'no', got {label.get('label')!r}")
-            num_questions += 1
             answer = answer_by_id.get(str(question['question_id']))
             if answer is None:
                 missing_ids.append(question['question_id'])
                 continue
-            predictions.append(pope_prediction(answer['text']))
-            golds.append(label['label'])
-            by_positives[positives[label.get('image')]].append((predictions[-1], label['label']))
-        results[split] = yes_no_metrics(predictions, golds)
-    if not results:
+            judged[split].append((question['question_id'], pope_prediction(answer['text']), label['label'],
+                                  positives[label.get('image')]))
+    if not judged:
         raise FileNotFoundError(f"no coco_pope_{{{','.join(POPE_SPLITS)}}}.json in {annotation_dir}")
+    return judged, missing_ids
+
+def score_pope(answers, question_file, annotation_dir):
+    """POPE per split and 'f1_avg', the mean F1 over them (the paper's POPE number), from pope_judgements.
+    'by_positives': all splits' questions again, grouped by how many present objects POPE asks about in
+    their image (real POPE: 3 in every image; the shapes world: its 1-3 objects), to tell 'cannot check
+    one object' from 'cannot find it among several'."""
+    judged, missing_ids = pope_judgements(answers, question_file, annotation_dir)
+    results, by_positives = {}, defaultdict(list)  # present objects asked about in the image -> [(prediction, label)]
+    for split, rows in judged.items():
+        for _, prediction, label, positives in rows:
+            by_positives[positives].append((prediction, label))
+        results[split] = yes_no_metrics([row[1] for row in rows], [row[2] for row in rows])
     f1s = [metrics['f1'] for metrics in results.values() if metrics['f1'] is not None]
     results['f1_avg'] = sum(f1s) / len(f1s) if f1s else None
     results['by_positives'] = {str(n): yes_no_metrics(*zip(*by_positives[n]))  # str: as results.json keeps keys
                                for n in sorted(by_positives)}
+    num_questions = sum(len(rows) for rows in judged.values()) + len(missing_ids)
     results.update(missing_report('POPE', missing_ids, num_questions))
     return results
 
 # -----------------------------------------------------------------------------
 # GQA (scripts/convert_gqa_for_eval.py + GQA's eval/eval.py)
 
-def score_gqa(answers, questions_json):
-    """Exact-match accuracy on the balanced questions of a GQA questions JSON (testdev_balanced_questions.json:
-    {qid: {answer, types: {structural, ...}, isBalanced, ...}}). Prediction = answer text with trailing '.'
-    stripped, lower-cased. GQA's eval.py calls a question 'open' when types.structural is 'query' and
-    'binary' otherwise (verify, logical, compare, choose). 'by_type': accuracy per types.detailed
-    (queryPosition, existAttrC, ...), which says what a model can and cannot do."""
+def gqa_judgements(answers, questions_json):
+    """Each balanced question of a GQA questions JSON (testdev_balanced_questions.json: {qid: {answer, types:
+    {structural, ...}, isBalanced, ...}}) judged: [(qid, correct, 'open' or 'binary', types.detailed or None)], and the
+    ids of questions with no answer. Prediction = answer text with trailing '.' stripped, lower-cased; GQA's eval.py
+    scores the balanced subset only and calls a question 'open' when types.structural is 'query', 'binary' otherwise
+    (verify, logical, compare, choose). score_gqa counts these; ablate.py reads them question by question."""
     with open(questions_json) as f:
         questions = json.load(f)
     answer_by_id = index_by(answers, lambda a: str(a['question_id']), 'GQA answers')
     unknown = [qid for qid in answer_by_id if qid not in questions]
     if unknown:
         raise ValueError(f"GQA: {len(unknown)} answers have question ids not in {questions_json}: {unknown[:5]}")
-    correct, by_type = defaultdict(list), defaultdict(list)  # 'binary' / 'open', types.detailed -> [bool]
-    missing_ids, num_questions = [], 0
+    judged, missing_ids = [], []
     for qid, question in questions.items():
-        if not question.get('isBalanced', True):  # eval.py scores the balanced subset only
+        if not question.get('isBalanced', True):
             continue
-        num_questions += 1
         if qid not in answer_by_id:
             missing_ids.append(qid)
             continue
         prediction = answer_by_id[qid]['text'].rstrip('.').lower()
-        answer_type = 'open' if question['types']['structural'] == 'query' else 'binary'
-        correct[answer_type].append(prediction == question['answer'])
-        if 'detailed' in question['types']:
-            by_type[question['types']['detailed']].append(prediction == question['answer'])
+        judged.append((qid, prediction == question['answer'],
+                       'open' if question['types']['structural'] == 'query' else 'binary',
+                       question['types'].get('detailed')))
+    return judged, missing_ids
+
+def score_gqa(answers, questions_json):
+    """Exact-match accuracy, from gqa_judgements, overall, on binary and open questions, and 'by_type': accuracy per
+    types.detailed (queryPosition, existAttrC, ...), which says what a model can and cannot do."""
+    judged, missing_ids = gqa_judgements(answers, questions_json)
+    correct, by_type = defaultdict(list), defaultdict(list)  # 'binary' / 'open', types.detailed -> [bool]
+    for _, right, answer_type, detailed in judged:
+        correct[answer_type].append(right)
+        if detailed is not None:
+            by_type[detailed].append(right)
     every = correct['binary'] + correct['open']
     return dict(accuracy=percent(sum(every), len(every)),
                 binary=percent(sum(correct['binary']), len(correct['binary'])),
                 open=percent(sum(correct['open']), len(correct['open'])),
                 questions=len(every),
                 by_type={kind: percent(sum(right), len(right)) for kind, right in by_type.items()},
-                **missing_report('GQA', missing_ids, num_questions))
+                **missing_report('GQA', missing_ids, len(judged) + len(missing_ids)))
 
 # -----------------------------------------------------------------------------
 # MME (convert_answer_to_mme.py + eval_tool/calculation.py)

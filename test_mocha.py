@@ -2757,12 +2757,38 @@ def test_ablate_pairs_each_variant_with_full_by_seed_and_judges_it_against_the_p
     full = {0: run(90, 70), 1: run(91, 71), 2: run(92, 72)}
     runs = {'full': full, 'mlp': {s: run(m['pope_mean'] + d, m['gqa'] + d) for (s, m), d in zip(full.items(), (1, 2, 3))},
             'siglip': {s: run(m['pope_mean'] + d, m['gqa']) for (s, m), d in zip(full.items(), (-3, -2, -4))}}
-    rows, detectable = ablate.paired(ablate.ablation_table(runs, []))
+    rows, power = ablate.paired(ablate.ablation_table(runs, []))
     mlp, siglip = rows['mlp']['pope_mean'], rows['siglip']['pope_mean']
     assert mlp['mean'] == 2 and mlp['low'] == pytest.approx(2 - 2.4841, abs=1e-3) and mlp['verdict'] == 'not detected'
     assert siglip['high'] == pytest.approx(-3 + 2.4841, abs=1e-3) and siglip['verdict'] == "paper's direction"
     assert rows['siglip']['gqa']['verdict'] == 'not detected'                # no difference at all: sd 0, mean 0
-    assert detectable['pope_mean'] == pytest.approx((4.3027 + 1.0607) / math.sqrt(3), abs=1e-3)
+    assert power['pope_mean']['minimum_detectable'] == pytest.approx((4.3027 + 1.0607) / math.sqrt(3), abs=1e-3)
+    # sd 1: 5 seeds detect (2.776 + 0.941) / sqrt(5) = 1.66 points, 6 seeds (2.571 + 0.920) / sqrt(6) = 1.43
+    assert ablate.seeds_for(1.0, effect=1.5) == 6
+
+
+def test_ablate_question_share_splits_the_paired_spread_into_questions_and_seeds(tmp_path, monkeypatch):
+    """Four GQA questions, three seeds; 'full' answers all of them right. The variant's ('mlp') seed 0 gets all four wrong and
+    its seeds 1 and 2 all four right: the questions move together, a whole seed's model is worse, so the question-level
+    share of the paired variance is 1/4 (each question's variance over seeds, weighted 1/16, summed over 4, against
+    the variance of the accuracy difference: 4 * (1/16) * v / v). Twice the questions would not narrow it."""
+    import ablate
+    questions = {str(q): dict(answer='red', types=dict(structural='query', detailed='queryAttr')) for q in range(4)}
+    gqa_dir = tmp_path / 'shapes' / 'eval' / 'gqa'
+    gqa_dir.mkdir(parents=True)
+    (gqa_dir / 'testdev_balanced_questions.json').write_text(json.dumps(questions))
+    runs = {}
+    for variant, right_at_seed in (('full', (True, True, True)), ('mlp', (False, True, True))):
+        for seed, right in enumerate(right_at_seed):
+            answers = tmp_path / 'ablate' / variant / f'seed{seed}' / 'eval' / 'gqa_answers.jsonl'
+            answers.parent.mkdir(parents=True)
+            answers.write_text(''.join(json.dumps(dict(question_id=q, text='red' if right else 'blue')) + '\n'
+                                       for q in questions))
+            runs.setdefault(variant, {})[seed] = {name: None for name in ablate.METRICS} | dict(gqa=100.0 * right)
+    monkeypatch.setattr(ablate, 'out_dir', str(tmp_path / 'ablate'))
+    monkeypatch.setattr(ablate, 'shapes_dir', str(tmp_path / 'shapes'))
+    share = ablate.question_share(ablate.ablation_table(runs, []))
+    assert set(share) == {'gqa'} and share['gqa'] == pytest.approx(0.25)
 
 
 def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
