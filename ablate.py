@@ -90,8 +90,15 @@ PAPER = {
     'siglip_clip_convnext': dict(gqa=60.34 - 65.24, pope_mean=88.07 - 89.95),
     'channel': dict(gqa='lower', pope_mean='lower'),               # Figure 5: sequence better everywhere
 }
-for paper_row in PAPER.values():  # the lab's harder POPE and GQA are judged against the same direction
-    paper_row.update(lab_gqa=paper_row['gqa'], lab_pope_mean=paper_row['pope_mean'])
+# Table 5's encoders added one at a time, under MoEC + HGA: (variant, the variant it adds an encoder to, the paper's
+# difference). The paper's story is complementarity: ConvNeXt brings POPE, CLIP and DINOv2 bring GQA.
+ENCODER_STEPS = [
+    ('siglip_convnext', 'siglip', dict(gqa=57.02 - 56.11, pope_mean=87.84 - 82.27)),
+    ('siglip_clip_convnext', 'siglip_convnext', dict(gqa=60.34 - 57.02, pope_mean=88.07 - 87.84)),
+    ('full', 'siglip_clip_convnext', dict(gqa=65.24 - 60.34, pope_mean=89.95 - 88.07)),
+]
+for paper_row in [*PAPER.values(), *(paper for _, _, paper in ENCODER_STEPS)]:
+    paper_row.update(lab_gqa=paper_row['gqa'], lab_pope_mean=paper_row['pope_mean'])  # the lab's: the same direction
 HEADLINE = ('pope_mean', 'gqa', 'lab_pope_mean', 'lab_gqa')  # the metrics the paired table judges
 QUICK = ('full', 'mlp', 'hga_off', 'siglip')  # --quick: the positive control and the paper's two connector claims
 # the table's columns: name -> where in a run's eval/results.json (None: computed in run_metrics)
@@ -269,15 +276,17 @@ def seeds_for(sd, effect=EFFECT):
     return n
 
 
-def paired(table, baseline='full', variants=None):
+def paired(table, baseline='full', variants=None, paper=None):
     """Each variant (of `variants`, None: all) against `baseline` ('full') on the seeds both ran: per headline metric
     the mean paired difference (variant - full) with its 95 % interval (t, n - 1), and a verdict against the paper's
     direction. Pairing by seed takes out what a seed does to every variant alike (the same data order and initial
     weights). Also, per metric, the power: the paired differences' standard deviation pooled over the variants, the
-    minimum detectable difference at the fewest seeds run (detectable_difference), and the seeds EFFECT needs."""
+    minimum detectable difference at the fewest seeds run (detectable_difference), and the seeds EFFECT needs.
+    paper: {variant: {metric: the paper's difference}}, PAPER when the baseline is 'full'."""
     from scipy import stats
     rows, variances = {}, {name: [] for name in HEADLINE}
     full = table.get(baseline)
+    paper_rows = PAPER if paper is None and baseline == 'full' else paper or {}
     for variant, row in table.items():
         if variant in (baseline, 'lm') or full is None or (variants is not None and variant not in variants):
             continue
@@ -294,7 +303,7 @@ def paired(table, baseline='full', variants=None):
             half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
             variances[name].append((sd ** 2, n))
             detected = 0 if abs(mean) <= half else (1 if mean > 0 else -1)
-            paper = PAPER.get(variant, {}).get(name) if baseline == 'full' else None
+            paper = paper_rows.get(variant, {}).get(name)
             if not detected:
                 verdict = 'not detected'
             elif paper is None:
@@ -311,6 +320,13 @@ def paired(table, baseline='full', variants=None):
             power[name] = dict(sd=sd, seeds=n, minimum_detectable=detectable_difference(sd, n),
                                seeds_for_effect=seeds_for(sd))
     return rows, power
+
+
+def encoder_steps(table):
+    """Table 5's steps that the table holds both ends of: {'siglip_convnext − siglip': paired's row, ...}, each judged
+    against the paper's difference for that step."""
+    return {f'{variant} − {smaller}': paired(table, smaller, (variant,), {variant: paper})[0][variant]
+            for variant, smaller, paper in ENCODER_STEPS if variant in table and smaller in table}
 
 
 HEADLINE_BENCHMARK = dict(pope_mean='pope', gqa='gqa', lab_pope_mean='lab_pope', lab_gqa='lab_gqa')
@@ -363,6 +379,7 @@ def question_share(table, baseline='full', variants=None):
 
 
 def paired_markdown(rows, power, baseline='full', share=None):
+    """The paired table (rows: {label: paired's row}), then the power section unless power is None."""
     lines = [f'| variant − {baseline} | ' + ' | '.join(f'{name}: difference [95 % CI] | paper | verdict' for name in HEADLINE)
              + ' |', '|---|' + '---|---|---|' * len(HEADLINE)]
     for variant, by_metric in rows.items():
@@ -373,6 +390,8 @@ def paired_markdown(rows, power, baseline='full', share=None):
             paper = d.get('paper')
             cells += [interval, '–' if paper is None else paper if isinstance(paper, str) else f'{paper:+.2f}', d['verdict']]
         lines.append(f'| {variant} | ' + ' | '.join(cells) + ' |')
+    if power is None:
+        return '\n'.join(lines) + '\n'
     lines += ['', '| power | ' + ' | '.join(power) + ' |', '|---|' + '---|' * len(power),
               '| paired sd, pooled | ' + ' | '.join(f"{p['sd']:.2f}" for p in power.values()) + ' |',
               '| minimum detectable difference (80 % power, 5 % level) | ' +
@@ -449,12 +468,18 @@ if __name__ == '__main__':
         mova_rows, mova_power = paired(table, 'mova', ('mova_routed', 'mova_oracle'))
         if mova_rows:
             f.write('\nPaired against `mova` by seed:\n\n' + paired_markdown(mova_rows, mova_power, 'mova'))
+        steps = encoder_steps(table)
+        if steps:
+            f.write('\nEncoders added one at a time (Table 5), paired by seed:\n\n' +
+                    paired_markdown(steps, None, 'the encoders it adds to'))
     print(markdown(table))
     if rows:
         print(paired_markdown(rows, power, share=share))
     if mova_rows:
         print(paired_markdown(mova_rows, mova_power, 'mova'))
+    if steps:
+        print(paired_markdown(steps, None, 'the encoders it adds to'))
     with open(os.path.join(out_dir, 'paired.json'), 'w') as f:
-        json.dump(dict(rows=rows, power=power, question_share=share, against_mova=mova_rows, mova_power=mova_power),
-                  f, indent=2)
+        json.dump(dict(rows=rows, power=power, question_share=share, against_mova=mova_rows, mova_power=mova_power,
+                       encoder_steps=steps), f, indent=2)
     print(f"wrote {out_dir}/ablation.json and ablation.md")

@@ -2763,6 +2763,12 @@ def test_ablate_pairs_each_variant_with_full_by_seed_and_judges_it_against_the_p
     assert siglip['high'] == pytest.approx(-3 + 2.4841, abs=1e-3) and siglip['verdict'] == "paper's direction"
     assert rows['siglip']['gqa']['verdict'] == 'not detected'                # no difference at all: sd 0, mean 0
     assert power['pope_mean']['minimum_detectable'] == pytest.approx((4.3027 + 1.0607) / math.sqrt(3), abs=1e-3)
+    # Table 5's steps: adding ConvNeXt to SigLIP gained the paper 5.57 POPE; here +1, +2, +3 over SigLIP alone
+    runs['siglip_convnext'] = {s: run(m['pope_mean'] + d, m['gqa']) for (s, m), d in zip(runs['siglip'].items(), (1, 2, 3))}
+    steps = ablate.encoder_steps(ablate.ablation_table(runs, []))
+    assert list(steps) == ['siglip_convnext − siglip']  # siglip_clip_convnext's steps need runs it does not have
+    assert steps['siglip_convnext − siglip']['pope_mean']['mean'] == 2
+    assert steps['siglip_convnext − siglip']['pope_mean']['paper'] == pytest.approx(87.84 - 82.27)
     # sd 1: 5 seeds detect (2.776 + 0.941) / sqrt(5) = 1.66 points, 6 seeds (2.571 + 0.920) / sqrt(6) = 1.43
     assert ablate.seeds_for(1.0, effect=1.5) == 6
 
