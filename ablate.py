@@ -24,8 +24,9 @@ a time) and starts that seed's variants from it, so the spread also holds the te
 row, 'lm', is then that text step scored on the shapes GQA in words (the words_* columns).
 Each run writes out_dir/<variant>/seed<k>/ (checkpoint, losses.txt, train.log, eval/results.json). A run whose
 eval/results.json exists and whose train.py command is unchanged is read, not redone: delete
-its folder to redo it. The seed is train.py's `seed` (model init and data order, in both steps); the shapes
-world itself stays the one of shapes.py's fixed seed, so the spread over seeds is training noise on one world.
+its folder to redo it. One with the same command, a checkpoint and no results (killed, or stopped in its eval)
+goes on from its checkpoint (train.py --init_from=resume). The seed is train.py's `seed` (model init and data
+order, in both steps); the shapes world itself stays the one of shapes.py's fixed seed, so the spread over seeds is training noise on one world.
 """
 import functools
 import json
@@ -195,16 +196,20 @@ def run(variant, seed, extra, threads):
     command_file = os.path.join(run_dir, 'ablate_command.json')
     finished_file = os.path.join(run_dir, 'eval/results.json')  # the LM stage scores GQA in words
     done = os.path.exists(finished_file) and os.path.exists(command_file)
-    if done and json.load(open(command_file)) == command[1:]:
+    same_command = os.path.exists(command_file) and json.load(open(command_file)) == command[1:]
+    if done and same_command:
         print(f"{variant} seed {seed}: reusing {run_dir}\n", end='', flush=True)  # one write: no interleaving
         return run_dir
+    # the same run stopped before its scores (killed, or a crash in eval): go on from its last checkpoint
+    resume = same_command and command[1] == 'train.py' and any(
+        os.path.isdir(os.path.join(run_dir, 'ckpt' + suffix)) for suffix in ('', '.old'))  # .old: killed mid-save
     os.makedirs(run_dir, exist_ok=True)
     with open(command_file, 'w') as f:
         json.dump(command[1:], f)
-    print(f"{variant} seed {seed}: {' '.join(command[1:])}\n", end='', flush=True)
+    print(f"{variant} seed {seed}: {' '.join(command[1:])}{' (resumed)' if resume else ''}\n", end='', flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM='false')
-    with open(os.path.join(run_dir, 'train.log'), 'w') as log:
-        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with open(os.path.join(run_dir, 'train.log'), 'a' if resume else 'w') as log:
+        finished = subprocess.run(command + ['--init_from=resume'] * resume, stdout=log, stderr=subprocess.STDOUT, env=env)
     if finished.returncode != 0 or not os.path.exists(finished_file):
         tail = open(os.path.join(run_dir, 'train.log')).read()[-2000:]
         raise RuntimeError(f"{variant} seed {seed} failed (exit {finished.returncode}); "

@@ -2830,6 +2830,16 @@ def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
     assert (out / 'mlp/seed0/losses.txt').read_text() != (out / 'mlp/seed1/losses.txt').read_text()
     # each seed's variants start from that seed's text-pretrained LM
     assert f"--llm={out}/lm/seed1/llm" in (out / 'mlp/seed1/ablate_command.json').read_text()
+    # a run that stopped before its scores goes on from its checkpoint: here it had finished its steps, so it only
+    # answers again, with the same weights and the same scores; the other runs are read, not redone
+    (out / 'mlp/seed0/eval/results.json').unlink()
+    again = subprocess.run(result.args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert 'mlp seed 0: ' in again.stdout and '(resumed)' in again.stdout and again.stdout.count('reusing') == 5
+    assert f"resumed from {out}/mlp/seed0/ckpt at step 2" in (out / 'mlp/seed0/train.log').read_text()
+    scores = json.loads((out / 'ablation.json').read_text())['mlp']['per_seed']['0']
+    assert {k: v for k, v in scores.items() if k != 'ms_per_answer'} == \
+        {k: v for k, v in table['mlp']['per_seed']['0'].items() if k != 'ms_per_answer'}  # the time varies
     assert (out / 'lm/seed0/llm/config.json').exists() and (out / 'lm/seed1/llm/config.json').exists()
 
 

@@ -568,7 +568,8 @@ if device_type == 'cuda':
     torch.cuda.reset_peak_memory_stats(device)  # the steps' peaks, not loading's
 progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
                 desc=f'stage {stage}', dynamic_ncols=True)
-step, tick, tokens_seen, history = start_step, time.time(), 0, []
+# step: the last step done, so a resumed run that had finished all its steps still exports and evaluates below
+step, tick, tokens_seen, history = start_step - 1, time.time(), 0, []
 stat_sums = torch.zeros(stats_width + 1, device=device)   # summed stats_vector, then how many were summed
 peak_bytes = 0                                            # the highest memory of the steps since the last log
 usage_window = collections.defaultdict(lambda: collections.deque(maxlen=collapse_window))  # MoEC -> [E] per log step
