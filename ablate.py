@@ -26,7 +26,8 @@ Each run writes out_dir/<variant>/seed<k>/ (checkpoint, losses.txt, train.log, e
 eval/results.json exists and whose train.py command is unchanged is read, not redone: delete
 its folder to redo it. One with the same command, a checkpoint and no results (killed, or stopped in its eval)
 goes on from its checkpoint (train.py --init_from=resume). The seed is train.py's `seed` (model init and data
-order, in both steps); the shapes world itself stays the one of shapes.py's fixed seed, so the spread over seeds is training noise on one world.
+order, in both steps); the shapes world itself stays the one of shapes.py's fixed seed, so the spread over seeds
+is training noise on one world.
 """
 import functools
 import json
@@ -281,6 +282,19 @@ def seeds_for(sd, effect=EFFECT):
     return n
 
 
+def compared(table, baseline, variants):
+    """The table's variants set against `baseline`: all but the baseline and the LM row, or those of `variants`."""
+    if baseline not in table:
+        return []
+    return [v for v in table if v not in (baseline, 'lm') and (variants is None or v in variants)]
+
+
+def seeds_both(table, variant, baseline, name):
+    """The seeds at which both the variant and the baseline have a value of metric `name`."""
+    ours, theirs = table[variant]['per_seed'], table[baseline]['per_seed']
+    return [s for s in ours if s in theirs and None not in (ours[s][name], theirs[s][name])]
+
+
 def paired(table, baseline='full', variants=None, paper=None):
     """Each variant (of `variants`, None: all) against `baseline` ('full') on the seeds both ran: per headline metric
     the mean paired difference (variant - full) with its 95 % interval (t, n - 1), and a verdict against the paper's
@@ -290,16 +304,12 @@ def paired(table, baseline='full', variants=None, paper=None):
     paper: {variant: {metric: the paper's difference}}, PAPER when the baseline is 'full'."""
     from scipy import stats
     rows, variances = {}, {name: [] for name in HEADLINE}
-    full = table.get(baseline)
     paper_rows = PAPER if paper is None and baseline == 'full' else paper or {}
-    for variant, row in table.items():
-        if variant in (baseline, 'lm') or full is None or (variants is not None and variant not in variants):
-            continue
+    for variant in compared(table, baseline, variants):
+        row, full = table[variant], table[baseline]
         rows[variant] = {}
         for name in HEADLINE:
-            seeds_both = [s for s in row['per_seed'] if s in full['per_seed']
-                          and None not in (row['per_seed'][s][name], full['per_seed'][s][name])]
-            diffs = [row['per_seed'][s][name] - full['per_seed'][s][name] for s in seeds_both]
+            diffs = [row['per_seed'][s][name] - full['per_seed'][s][name] for s in seeds_both(table, variant, baseline, name)]
             if len(diffs) < 2:
                 rows[variant][name] = dict(n=len(diffs), mean=statistics.mean(diffs) if diffs else None, low=None,
                                            high=None, verdict='too few seeds')
@@ -363,15 +373,12 @@ def question_share(table, baseline='full', variants=None):
     share = {}
     for name in HEADLINE:
         question_level = total = 0.0
-        for variant in table:
-            if variant in (baseline, 'lm') or baseline not in table or (variants is not None and variant not in variants):
-                continue
-            seeds_both = [s for s in table[variant]['per_seed'] if s in table[baseline]['per_seed']
-                          and None not in (table[variant]['per_seed'][s][name], table[baseline]['per_seed'][s][name])]
-            if len(seeds_both) < 2:
+        for variant in compared(table, baseline, variants):
+            seeds = seeds_both(table, variant, baseline, name)
+            if len(seeds) < 2:
                 continue
             by_seed = [[question_scores(os.path.join(out_dir, v, f'seed{s}'), HEADLINE_BENCHMARK[name])
-                        for v in (variant, baseline)] for s in seeds_both]
+                        for v in (variant, baseline)] for s in seeds]
             questions = set.intersection(*(set(scores) for pair in by_seed for scores in pair))
             differences = {q: [ours[q][0] - theirs[q][0] for ours, theirs in by_seed] for q in questions}
             weights = {q: by_seed[0][1][q][1] for q in questions}
