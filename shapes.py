@@ -14,6 +14,7 @@ import math
 import os
 import random
 from collections import Counter, namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -360,9 +361,11 @@ def conversation(turns, image):
 
 
 def write_json(path, obj):
+    """One line, as LLaVA's and GQA's files are (json.dumps without an indent is the fast C encoder: json.dump and
+    any indent use the pure-Python one, which took a quarter of prepare_shapes' time)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'w') as f:
-        json.dump(obj, f, indent=1)
+        f.write(json.dumps(obj))
 
 
 def write_jsonl(path, records):
@@ -372,13 +375,21 @@ def write_jsonl(path, records):
 
 
 def save_scenes(rng, count, image_px, folder, name, world=GRID):
-    """Draw `count` new scenes of the world (default: the grid) into folder/name(i); returns [(file name, scene)]."""
+    """Draw `count` new scenes of the world (default: the grid) into folder/name(i); returns [(file name, scene)].
+    The scenes and backgrounds come from rng first, one after another, so the files do not depend on how many
+    threads draw them; one thread per core then draws and saves (PIL's resize and PNG encoder, most of the time,
+    release the GIL)."""
     os.makedirs(folder, exist_ok=True)
-    saved = []
+    saved, backgrounds = [], []
     for i in range(count):
-        scene = world.sample(rng, image_px)
-        world.draw(scene, image_px, background=rng.randint(20, 60)).save(os.path.join(folder, name(i)))
-        saved.append((name(i), scene))
+        saved.append((name(i), world.sample(rng, image_px)))
+        backgrounds.append(rng.randint(20, 60))
+
+    def draw_and_save(file, scene, background):
+        world.draw(scene, image_px, background).save(os.path.join(folder, file))
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(draw_and_save, *zip(*saved), backgrounds))  # list(): a failed drawing raises here
     return saved
 
 
