@@ -299,8 +299,10 @@ def paired(table, baseline='full', variants=None, paper=None):
     """Each variant (of `variants`, None: all) against `baseline` ('full') on the seeds both ran: per headline metric
     the mean paired difference (variant - full) with its 95 % interval (t, n - 1), and a verdict against the paper's
     direction. Pairing by seed takes out what a seed does to every variant alike (the same data order and initial
-    weights). Also, per metric, the power: the paired differences' standard deviation pooled over the variants, the
-    minimum detectable difference at the fewest seeds run (detectable_difference), and the seeds EFFECT needs.
+    weights). Each row also has its paired differences' sd and the seeds EFFECT needs at that sd (a variant that
+    fails on some seeds needs many more than one that moves every seed alike). Also, per metric, the power: the sd
+    pooled over the variants, the minimum detectable difference at the fewest seeds run (detectable_difference),
+    and the seeds EFFECT needs.
     paper: {variant: {metric: the paper's difference}}, PAPER when the baseline is 'full'."""
     from scipy import stats
     rows, variances = {}, {name: [] for name in HEADLINE}
@@ -326,7 +328,8 @@ def paired(table, baseline='full', variants=None, paper=None):
             else:
                 paper_sign = -1 if paper == 'lower' else math.copysign(1, paper)
                 verdict = "paper's direction" if detected == paper_sign else 'opposite'
-            rows[variant][name] = dict(n=n, mean=mean, low=mean - half, high=mean + half, paper=paper, verdict=verdict)
+            rows[variant][name] = dict(n=n, mean=mean, low=mean - half, high=mean + half, paper=paper, verdict=verdict,
+                                       sd=sd, seeds_for_effect=seeds_for(sd))
     power = {}
     for name, pairs in variances.items():
         if pairs:
@@ -412,6 +415,12 @@ def paired_markdown(rows, power, baseline='full', share=None):
     if share:
         lines.append('| question-level share of the paired variance | ' +
                      ' | '.join(f"{share[name]:.2f}" if name in share else '–' for name in power) + ' |')
+    lines += ['', f'| seeds to detect {EFFECT} points, by its own paired sd | ' + ' | '.join(power) + ' |',
+              '|---|' + '---|' * len(power)]
+    for variant, by_metric in rows.items():
+        lines.append(f'| {variant} | ' + ' | '.join(
+            f"{by_metric[name]['seeds_for_effect']} (sd {by_metric[name]['sd']:.2f})" if 'sd' in by_metric[name] else '–'
+            for name in power) + ' |')
     return '\n'.join(lines) + '\n'
 
 

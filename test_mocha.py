@@ -2763,6 +2763,10 @@ def test_ablate_pairs_each_variant_with_full_by_seed_and_judges_it_against_the_p
     assert siglip['high'] == pytest.approx(-3 + 2.4841, abs=1e-3) and siglip['verdict'] == "paper's direction"
     assert rows['siglip']['gqa']['verdict'] == 'not detected'                # no difference at all: sd 0, mean 0
     assert power['pope_mean']['minimum_detectable'] == pytest.approx((4.3027 + 1.0607) / math.sqrt(3), abs=1e-3)
+    # each row's own spread: mlp's differences 1, 2, 3 have sd 1 (6 seeds for 1.5 points, below); siglip's GQA sd 0
+    assert mlp['sd'] == 1 and mlp['seeds_for_effect'] == 6 and rows['siglip']['gqa']['seeds_for_effect'] == 2
+    table = ablate.paired_markdown(rows, power)
+    assert '| mlp | 6 (sd 1.00) | 6 (sd 1.00) |' in table
     # Table 5's steps: adding ConvNeXt to SigLIP gained the paper 5.57 POPE; here +1, +2, +3 over SigLIP alone
     runs['siglip_convnext'] = {s: run(m['pope_mean'] + d, m['gqa']) for (s, m), d in zip(runs['siglip'].items(), (1, 2, 3))}
     steps = ablate.encoder_steps(ablate.ablation_table(runs, []))
@@ -3241,13 +3245,15 @@ def test_lab_tokenizer_keeps_the_shipped_lms_ids_and_appends_the_labs_words(lab_
 
 def test_lab_sizes_zero_write_todays_grid_world_and_the_lab_leaves_it_alone(shapes_dir, tmp_path):
     """With every lab size 0 prepare_shapes writes what it wrote before the lab (md5 of SMALL's files at seed 0,
-    written by shapes.py before the lab); with the lab, every grid file is the same but instruct.json, which holds
-    the same grid samples shuffled among the lab's, and the tokenizer."""
+    written by shapes.py before the lab; the JSON files' content as it wrote them then, indented by 1); with the lab,
+    every grid file is the same but instruct.json, which holds the same grid samples shuffled among the lab's, and the
+    tokenizer."""
     import hashlib
     shapes.prepare_shapes(str(tmp_path), seed=0, **dict(SMALL, **NO_LAB))
     md5 = lambda name: hashlib.md5((tmp_path / name).read_bytes()).hexdigest()
-    assert md5('instruct.json') == 'd7c0a6550638dddb066b2ffbe28b84b1'
-    assert md5('eval/gqa/testdev_balanced_questions.json') == 'c285fb0e7d8c144165d63f63d9cf5ab8'
+    json_md5 = lambda name: hashlib.md5(json.dumps(json.loads((tmp_path / name).read_text()), indent=1).encode()).hexdigest()
+    assert json_md5('instruct.json') == 'd7c0a6550638dddb066b2ffbe28b84b1'
+    assert json_md5('eval/gqa/testdev_balanced_questions.json') == 'c285fb0e7d8c144165d63f63d9cf5ab8'
     assert md5('eval/pope/llava_pope_test.jsonl') == 'f020f59c308828e9610a2cfc6cd1c374'
     grid = all_files(tmp_path)
     assert not [f for f in grid if f.startswith('eval/lab') or 'lab_' in f]
