@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed._tools.mem_tracker import MemTracker
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -557,6 +556,7 @@ def step_memory_tracker():
     """trace_memory on a CPU: torch's MemTracker around one step (a GPU's allocator keeps its own peak)."""
     if not (trace_memory and device_type == 'cpu'):
         return nullcontext()
+    from torch.distributed._tools.mem_tracker import MemTracker  # here: its import alone takes most of a second
     tracker = lean_memory_tracker(MemTracker(), raw_model)
     tracker.track_external(model, optimizer)
     return tracker
@@ -607,7 +607,7 @@ for step in progress:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         phase_seconds['optimizer'] += clock() - started
-    if isinstance(memory, MemTracker):
+    if not isinstance(memory, nullcontext):  # the MemTracker
         peak_bytes = max(peak_bytes, memory.get_tracker_snapshot('peak')[torch.device(device)]['Total'])
     elif device_type == 'cuda':
         peak_bytes = torch.cuda.max_memory_allocated(device)
