@@ -109,6 +109,9 @@ def plot_routing(ablate_dir, shapes_dir, path):
         os.path.join(ablate_dir, 'mova_routed'))) if os.path.exists(os.path.join(d, 'eval', 'lab_gqa_answers.jsonl')))
     if not runs:
         raise SystemExit(f"no {ablate_dir}/mova_routed/seed*/eval/lab_gqa_answers.jsonl: run ablate.py's mova_routed")
+    with open(os.path.join(runs[0], 'ckpt', 'config.json')) as f:
+        config = json.load(f)
+    experts = [n for n in config['encoders'] if n != config['mova_base']]  # the adapter's, lettered A, B, ... (MoCHA.mova_experts)
     matches = defaultdict(list)                        # question type -> per seed: % routed exactly as the oracle
     shares = {'routed': defaultdict(list), 'oracle': defaultdict(list), 'training labels': defaultdict(list)}
     # letter -> per seed: % of images using it (training labels: of the run's routing conversations)
@@ -127,7 +130,7 @@ def plot_routing(ablate_dir, shapes_dir, path):
         chosen = dict(routed=[m['experts'] for m in routed], oracle=[m['oracle'] for m in routed],
                       **{'training labels': labels})
         for which, choices in chosen.items():
-            for letter in LETTERS[:3]:
+            for letter in LETTERS[:len(experts)]:
                 shares[which][letter].append(100 * sum(letter in c.split(', ') for c in choices) / len(choices))
     kinds_shown = sorted(k for k in matches if k != 'all') + ['all']
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw=dict(width_ratios=[3, 1]), dpi=DPI)
@@ -138,11 +141,10 @@ def plot_routing(ablate_dir, shapes_dir, path):
     left.set_xticks(range(len(kinds_shown)), kinds_shown, rotation=45, ha='right')
     left.set(ylabel="% of questions routed exactly as the oracle", ylim=(0, 100),
              title=f"lab GQA: the LLM's routing against the probe matrix's oracle ({len(runs)} seeds)")
-    experts = ['siglip', 'convnext', 'dinov2']  # the adapter's experts (A, B, C): ENCODER_ORDER without CLIP, the base
     for offset, which in zip((-0.27, 0, 0.27), shares):
-        right.bar([i + offset for i in range(3)], [statistics.mean(shares[which][l]) for l in LETTERS[:3]], width=0.27,
-                  label=which)
-    right.set_xticks(range(3), experts)
+        right.bar([i + offset for i in range(len(experts))],
+                  [statistics.mean(shares[which][l]) for l in LETTERS[:len(experts)]], width=0.27, label=which)
+    right.set_xticks(range(len(experts)), experts)
     right.set(ylabel='% of lab GQA images (labels: of training samples)', ylim=(0, 120), yticks=range(0, 101, 20),
               title='each expert chosen')
     right.legend(loc='upper center', ncol=3, fontsize=7)
