@@ -114,6 +114,22 @@ def test_uint8_and_float_images_give_the_same_tokens(tiny_encoders):
         torch.testing.assert_close(a, b)
 
 
+def test_answering_runs_each_distinct_image_once_and_gives_every_copy_its_tokens(tiny_encoders):
+    images = random_images(3)
+    batch = images[[2, 0, 2, 1, 0, 2]]                                       # a benchmark batch: 6 questions, 3 images
+    seen = []
+    hook = tiny_encoders.encoders['siglip'].register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    try:
+        with torch.no_grad():
+            answering = tiny_encoders(batch)
+        training = tiny_encoders(batch)                                       # grad on: every image runs, as in training
+    finally:
+        hook.remove()
+    assert seen == [3, 6]
+    for a, b in zip(answering, training):
+        torch.testing.assert_close(a, b)
+
+
 def test_encoder_bad_input_is_a_clear_error(tiny_encoders):
     with pytest.raises(ValueError, match='unknown encoder'):
         Encoders(['siglip', 'eva'], 'tiny', TINY_RES)
