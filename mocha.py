@@ -283,10 +283,12 @@ class Encoders(nn.Module):
         if not images.is_floating_point() and images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
         copy_of = None
-        if not torch.is_grad_enabled():
+        if len(images) > 1 and not torch.is_grad_enabled():
             # answering: a benchmark asks several questions of each image, so a batch in question order holds some
-            # images more than once. Each distinct image goes through the towers once (about 40 % of a shapes
-            # benchmark's time) and its tokens are copied back to every question that holds it
+            # images more than once. Each distinct image goes through the towers once (the shapes benchmarks: 28 %
+            # less time, the same answers) and its tokens are copied back to every question that holds it. (One
+            # image has nothing to share; bench.py counts an answer's FLOPs on one fake image, which unique cannot
+            # sort: its output's size depends on values that fake tensors do not have.)
             distinct, copy_of = torch.unique(images.flatten(1), dim=0, return_inverse=True)  # [B_distinct, 3HW], [B]
             images = distinct.view(-1, *images.shape[1:])                                 # [B_distinct, 3, H, W]
         if images.dtype == torch.uint8:

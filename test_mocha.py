@@ -43,7 +43,7 @@ import shapes
 import towers
 from data import SYSTEM
 from mocha import (ENCODER_ORDER, ENCODER_SPECS, HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, TINY_LLM, Encoders, MoCHA,
-                   MoCHAConfig, MoEC, build_backbone, build_llm)
+                   MoCHAConfig, MoEC, build_backbone, build_llm, fake_tensors)
 from released import released_hga, released_moec, tokenwise_moec
 
 TINY_RES = {name: 64 for name in ENCODER_ORDER}
@@ -128,6 +128,8 @@ def test_answering_runs_each_distinct_image_once_and_gives_every_copy_its_tokens
     assert seen == [3, 6]
     for a, b in zip(answering, training):
         torch.testing.assert_close(a, b)
+    with torch.no_grad(), fake_tensors(num_experts=4, device='cpu'):  # bench.py's FLOPs per answer: one fake image
+        assert [t.shape for t in tiny_encoders(torch.empty(1, 3, 64, 64))] == [t[:1].shape for t in training]
 
 
 def test_encoder_bad_input_is_a_clear_error(tiny_encoders):
