@@ -2961,6 +2961,8 @@ def test_twins_differ_in_one_fact_and_closeups_hold_one_large_object():
         diffs = [(k, a[k], b[k]) for a, b in zip(scene, twin) for k in a if a[k] != b[k]]
         assert len(twin) == len(scene) and len(diffs) == 1 and diffs[0][0] in ('color', 'shape', 'texture')
         changed[diffs[0][0]] += 1
+        texture_twin = towers.lab_twin(scene, rng, facts=('texture',))  # ConvNeXt's texture phases
+        assert [k for a, b in zip(scene, texture_twin) for k in a if a[k] != b[k]] == ['texture']
     assert min(changed.values()) > 60  # each fact about a third of the time
     for _ in range(50):
         (obj,) = towers.sample_closeup(rng, 128)
@@ -2971,18 +2973,18 @@ def test_twins_differ_in_one_fact_and_closeups_hold_one_large_object():
 @pytest.fixture(scope='module')
 def pretrained_towers(tmp_path_factory):
     """Each tower pretrained TOWER_STEPS steps on 16 lab scenes and their twins (batch 8: 4 and their 4 twins), half
-    of them close-ups, and saved: {name: (losses, folder)}."""
+    of them close-ups, and saved: {name: (losses, folder)}. ConvNeXt goes on for a second phase on the same scenes
+    (towers.tower_phases gives it three on different ones)."""
     torch.manual_seed(0)
-    images, (scenes, twins) = towers.render_lab(0, 16, 64, twins=True, closeup_fraction=0.5)
-    assert images.shape == (2, 16, 3, 64, 64)
     vocab = towers.caption_vocab()
-    tokens = torch.stack([towers.tokenize([towers.tower_caption(s) for s in some], vocab) for some in (scenes, twins)])
+    images, tokens = towers.render_pairs(0, 16, 64, 0.5, towers.FACTS, vocab)
+    assert images.shape == (2, 16, 3, 64, 64) and tokens.shape == (2, 16, towers.CONTEXT_LENGTH)
     out = tmp_path_factory.mktemp('towers')
     result = {}
     for name in ENCODER_ORDER:
         folder = str(out / name)
-        _, losses, _ = towers.pretrain_tower(name, images, tokens, len(vocab), TOWER_RESOLUTION[name], TOWER_STEPS, 8, 2e-3,
-                                             seed=0, folder=folder)
+        phases = [((TOWER_STEPS, 2e-3, 0.5, towers.FACTS), images, tokens)] * (2 if name == 'convnext' else 1)
+        _, losses, _ = towers.pretrain_tower(name, phases, len(vocab), TOWER_RESOLUTION[name], 8, seed=0, folder=folder)
         result[name] = losses, folder
     return result
 
@@ -2992,6 +2994,27 @@ def test_each_towers_objective_lowers_its_loss(pretrained_towers, name):
     losses, _ = pretrained_towers[name]
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-2:]) / 2 < losses[0], f"{name}: {losses}"
+
+
+def test_convnext_keeps_its_random_text_tower_and_goes_on_across_phases(pretrained_towers):
+    """ConvNeXt's text tower stays at its random init (towers.build_contrastive: the texture's saddle), its trunk
+    is drawn at N(0, 1/fan_in) with LayerScale 1, and its second phase starts from the first's weights."""
+    import open_clip
+    losses, folder = pretrained_towers['convnext']
+    assert len(losses) == 2 * TOWER_STEPS and losses[TOWER_STEPS] < losses[0]  # phase 2 does not start afresh
+    saved = open_clip.create_model('local-dir:' + folder).state_dict()
+    torch.manual_seed(0)  # pretrain_contrastive's seed: the same init
+    fresh, _, _ = towers.build_contrastive('convnext', len(towers.caption_vocab()), TOWER_RESOLUTION['convnext'])
+    text_keys = [k for k in saved if k.startswith(('token_embedding', 'positional_embedding', 'transformer.',
+                                                    'ln_final', 'text_projection'))]
+    assert len(text_keys) > 10 and not any(p.requires_grad for k, p in fresh.named_parameters() if k in text_keys)
+    for k in text_keys:  # saved in float16
+        assert torch.allclose(saved[k].float(), fresh.state_dict()[k], rtol=1e-3, atol=1e-3), k
+    trunk = fresh.visual.trunk
+    stem = trunk.stem[0].weight                                                  # [40, 3, 4, 4]: fan-in 48
+    assert abs(stem.std().item() * math.sqrt(48) - 1) < 0.15
+    assert all((p == 1).all() for n, p in trunk.named_parameters() if n.endswith('gamma'))
+    assert not torch.equal(saved['visual.trunk.stem.0.weight'].float(), stem.half().float())  # trained
 
 
 def test_losses_match_their_equations():

@@ -10,14 +10,24 @@ period, 3 px at ConvNeXt's 96 px, is 1.5 px at the ViTs' 48, where the resize bl
 close-ups of one object. The image-text towers see each scene beside its twin (lab_twin: one fact changed), so their
 captions can only be matched by every fact the tower can see.
 
+ConvNeXt, the one tower whose pixels hold the texture, needs three things more to learn it from captions, each a
+departure from open_clip's recipe made because this tower is tiny (docs/log.md has the runs):
+- its text tower stays at its random init. Trained jointly, neither tower gets a gradient towards the texture
+  until the other already tells textures apart (a saddle: 3 600 steps at chance); held fixed, the four texture
+  words keep four directions for the images to move to;
+- its trunk is drawn at 1/sqrt(fan-in) with LayerScale 1 (fan_in_init);
+- a curriculum (tower_phases): close-ups with texture twins first, where a texture spans a dozen periods (it
+  leaves chance after about 1 300 steps), then the ViTs' mix, then crowded scenes with texture twins, which carry
+  it to small objects.
+
     python towers.py                       # pretrain all four into weights/towers/<name>/
     python towers.py --tower=clip          # one of them
     python towers.py --probe=True          # held-out linear-probe accuracy, pretrained and random towers,
                                            # printed and written to weights/towers/probe.json
 
-Measured on 2 cores, 2026-12-04, the ViTs one after another beside the ConvNeXt (pretrain.json in each folder):
-40-80 s to render the scenes and twins, then siglip 183 s, convnext 1 249 s, clip 158 s, dinov2 154 s. The probe
-matrix: about 30 s. The shipped towers and their matrix: docs/lab.md (no tower reads the texture, ConvNeXt included).
+Measured on 2 cores (pretrain.json in each folder): on 2026-12-04, the ViTs one after another beside the first
+ConvNeXt, 40-80 s to render the scenes and twins, then siglip 183 s, clip 158 s, dinov2 154 s; on 2026-12-05, idle,
+CONVNEXT_TIME. The probe matrix: about 30 s. The shipped towers and their matrix: docs/lab.md.
 
 Each folder loads as a real checkpoint does: mocha.Encoders(names, 'pretrained', paths={name: folder}) (HF
 save_pretrained folders of the vision model for siglip, clip, dinov2; an open_clip 'local-dir:' folder, the whole
@@ -49,13 +59,19 @@ seed = 0
 image_px = 128                 # the lab world's renders; the ViTs see them at 48 px, ConvNeXt at 96
 encoder_resolution = (48, 96, 48, 48)  # siglip, convnext, clip, dinov2: ConvNeXt's 96 px shows the textures the ViTs'
                                # 48 px blur, on the same 3 x 3 token grid (stride 32), as config/shapes.py reads them
-num_scenes = 4000              # pretraining scenes, rendered once and shared by all towers
-closeup_fraction = 0.5         # of them one large object (sample_closeup)
-tower_steps = (1500, 2400, 1500, 1000)  # optimizer steps, in ENCODER_ORDER: a ConvNeXt step at 96 px costs ~6x a
-                               # ViT's. Without gradient clipping ConvNeXt collapsed to loss log B near step 250
-                               # (lr 1e-3 and 2e-3), and so did CLIP's ViT at 2e-3
-tower_batch_size = (64, 32, 64, 64)
-tower_learning_rate = (1e-3, 2e-3, 1e-3, 1e-3)  # with clipping; ConvNeXt's 2e-3 learnt faster
+num_scenes = 4000              # pretraining scenes per phase (phases with the same scenes share one render)
+FACTS = ('color', 'shape', 'texture')
+tower_phases = {  # each tower's pretraining, one phase after another: (steps, peak lr, closeup_fraction, facts a twin
+                  # may change). Without gradient clipping ConvNeXt collapsed to loss log B near step 250 (lr 1e-3
+                  # and 2e-3), and so did CLIP's ViT at 2e-3. DINOv2 reads the scenes and twins alike, as images.
+    'siglip': ((1500, 1e-3, 0.5, FACTS),),
+    'convnext': ((2000, 2e-3, 1.0, ('texture',)),  # close-ups, every twin a texture twin: the texture, where it is large
+                 (1000, 1e-3, 0.5, FACTS),         # the ViTs' scenes and twins
+                 (2000, 1e-3, 0.0, ('texture',))),  # crowded scenes, texture twins: small objects' texture
+    'clip': ((1500, 1e-3, 0.5, FACTS),),
+    'dinov2': ((1000, 1e-3, 0.5, FACTS),),
+}
+tower_batch_size = (64, 32, 64, 64)  # in ENCODER_ORDER: a ConvNeXt step at 96 px costs ~6x a ViT's
 weight_decay = 0.05
 max_grad_norm = 1.0            # the image-text towers' gradient clipping (open_clip's --grad-clip-norm); 0 = off
 embed_dim = 64                 # the contrastive towers' joint image-text space (the ConvNeXt: open_clip's tiny 32)
@@ -69,15 +85,15 @@ CONTEXT_LENGTH = 56            # 8 objects x 6 words (size colour shape texture,
 # data: lab scenes as one uint8 tensor, their captions as word ids
 
 
-def render_lab(seed, count, image_px, twins=False, closeup_fraction=0.0):
+def render_lab(seed, count, image_px, twins=False, closeup_fraction=0.0, twin_facts=FACTS):
     """count lab scenes, deterministic by seed: images uint8 [count, 3, S, S] and the scene dicts. closeup_fraction
-    of them are close-ups (sample_closeup). twins=True also renders each scene's twin (lab_twin, on the same
-    background): images [2, count, 3, S, S], scenes (originals, twins)."""
+    of them are close-ups (sample_closeup). twins=True also renders each scene's twin (lab_twin, changing one of
+    twin_facts, on the same background): images [2, count, 3, S, S], scenes (originals, twins)."""
     rng = random.Random(seed)
     scenes = [sample_closeup(rng, image_px) if rng.random() < closeup_fraction else shapes.sample_lab_scene(rng, image_px)
               for _ in range(count)]
     backgrounds = [rng.randint(20, 60) for _ in scenes]
-    twin_scenes = [lab_twin(s, rng) for s in scenes] if twins else []
+    twin_scenes = [lab_twin(s, rng, twin_facts) for s in scenes] if twins else []
 
     def draw(some):
         return np.stack([np.asarray(shapes.draw_lab_scene(s, image_px, background=b)) for s, b in zip(some, backgrounds)])
@@ -97,14 +113,15 @@ def sample_closeup(rng, image_px):
                  row=min(int(3 * y / image_px), 2), col=min(int(3 * x / image_px), 2))]
 
 
-def lab_twin(scene, rng):
-    """The scene with one object's colour, shape or texture changed: a hard negative for the image-text losses
-    (NegCLIP's idea). In a batch of unrelated scenes a caption is matched by its coarsest facts; next to its twin,
-    only by the one changed fact, so each tower learns every fact it can see (the ViTs cannot see texture at 48 px,
-    and their loss keeps those twins apart by chance)."""
+def lab_twin(scene, rng, facts=FACTS):
+    """The scene with one object's colour, shape or texture (one of `facts`) changed: a hard negative for the
+    image-text losses (NegCLIP's idea). In a batch of unrelated scenes a caption is matched by its coarsest facts;
+    next to its twin, only by the one changed fact, so each tower learns every fact it can see (the ViTs cannot see
+    texture at 48 px, and their loss keeps those twins apart by chance)."""
     twin = [dict(o) for o in scene]
     obj = rng.choice(twin)
-    factor, values = rng.choice([('color', list(shapes.COLORS)), ('shape', shapes.SHAPES), ('texture', shapes.TEXTURES)])
+    factor = rng.choice(facts)
+    values = {'color': list(shapes.COLORS), 'shape': shapes.SHAPES, 'texture': shapes.TEXTURES}[factor]
     obj[factor] = rng.choice([v for v in values if v != obj[factor]])
     return twin
 
@@ -122,6 +139,13 @@ def tower_caption(scene):
     sequence (and its cost): 'large red circle dot top left , small blue square stripes center'."""
     return ' , '.join(f"{o['size']} {o['color']} {o['shape']} {o['texture']} {shapes.position(o)}"
                       for o in sorted(scene, key=lambda o: (o['row'], o['col'], o['x'])))
+
+
+def render_pairs(seed, count, image_px, closeup_fraction, twin_facts, vocab):
+    """(images uint8 [2, count, 3, S, S], caption ids [2, count, L]): count lab scenes and their twins."""
+    images, (scenes, twin_scenes) = render_lab(seed, count, image_px, twins=True, closeup_fraction=closeup_fraction,
+                                               twin_facts=twin_facts)
+    return images, torch.stack([tokenize([tower_caption(s) for s in some], vocab) for some in (scenes, twin_scenes)])
 
 
 def tokenize(captions, vocab, context_length=CONTEXT_LENGTH):
@@ -206,6 +230,8 @@ def build_contrastive(name, vocab_size, resolution):
     if name == 'convnext':
         import open_clip
         model = open_clip.CLIP(**convnext_config(vocab_size, resolution))
+        fan_in_init(model.visual.trunk)
+        model.lock_text_tower()  # its random init stays: the saddle below
         return model, model.encode_image, model.encode_text
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     vision = build_backbone(name, 'tiny')
@@ -223,6 +249,19 @@ def build_contrastive(name, vocab_size, resolution):
     return model, encode_image, lambda tokens: text(input_ids=tokens).text_embeds
 
 
+@torch.no_grad()
+def fan_in_init(trunk):
+    """ConvNeXt's weights at N(0, 1/fan_in) and its LayerScale at 1, in place of timm's std 0.02 and 1e-6. At this
+    tiny width timm's draw leaves every GELU nearly linear and every block nearly the identity, and a nearly linear
+    trunk cannot tell the four textures apart: they share one mean colour (docs/log.md: the same trunk learns them
+    from labels only once so drawn)."""
+    for name, weight in trunk.named_parameters():
+        if name.endswith('gamma'):
+            weight.fill_(1.0)
+        elif weight.ndim >= 2:
+            weight.normal_(0, 1 / math.sqrt(weight[0].numel()))
+
+
 def lr_at(step, total, lr):
     """Linear warm-up over the first 10 % of steps, then cosine to 0."""
     warmup = max(1, total // 10)
@@ -231,24 +270,32 @@ def lr_at(step, total, lr):
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed, log_every=50):
+def pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed, model=None,
+                         log_every=50):
     """CLIP, SigLIP or ConvNeXt on (image, caption) pairs: images uint8 [2, N, 3, S, S] and tokens [2, N, L], the
-    scenes and their twins; each batch is B/2 scenes and their B/2 twins. Returns (the model whose vision tower is
-    kept, losses)."""
+    scenes and their twins; each batch is B/2 scenes and their B/2 twins. model: the ConvNeXt CLIP of an earlier
+    phase to go on from (fresh optimizer and schedule, its learnt temperature kept). Returns (the model whose vision
+    tower is kept, losses, the share of twins told apart over the last 100 steps)."""
     torch.manual_seed(seed)
     flat = images.flatten(0, 1)
     pixels = torch.cat([tower_pixels(flat[i:i + 500], name, resolution) for i in range(0, len(flat), 500)])  # once
     pixels, tokens = pixels.view(*images.shape[:2], *pixels.shape[1:]), tokens.view(*images.shape[:2], -1)
-    model, encode_image, encode_text = build_contrastive(name, vocab_size, resolution)
-    log_scale = nn.Parameter(torch.tensor(math.log(10.0) if name == 'siglip' else math.log(1 / 0.07)))
+    if model is None:
+        model, encode_image, encode_text = build_contrastive(name, vocab_size, resolution)
+        log_scale = nn.Parameter(torch.tensor(math.log(10.0) if name == 'siglip' else math.log(1 / 0.07)))
+    else:
+        assert name == 'convnext', f"only ConvNeXt's pretraining has phases, not {name}'s"
+        encode_image, encode_text = model.encode_image, model.encode_text
+        log_scale = nn.Parameter(model.logit_scale.detach().clone())
     bias = nn.Parameter(torch.tensor(-10.0))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2] + [log_scale] + ([bias] if name == 'siglip' else [])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2] + [log_scale] + ([bias] if name == 'siglip' else [])
     optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
                                    {'params': no_decay, 'weight_decay': 0.0}], lr=lr)
     batches = torch.Generator().manual_seed(seed)
     model.train()
-    losses = []
+    losses, told_apart = [], []
     for step in range(steps):
         for group in optimizer.param_groups:
             group['lr'] = lr_at(step, steps, lr)
@@ -264,11 +311,18 @@ def pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, ba
                                            max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
+        with torch.no_grad():  # is each image nearer its own caption than its twin's, and each twin likewise?
+            half = torch.arange(batch_size // 2)
+            similarity = image_embeds @ text_embeds.T                                                  # [B, B]
+            told_apart.append(torch.cat([similarity[half, half] > similarity[half, half + len(half)],
+                                         similarity[half + len(half), half + len(half)] > similarity[half + len(half), half]
+                                         ]).float().mean().item())
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"{name} step {step}: loss {loss.item():.4f}, temperature {math.exp(-log_scale.item()):.4f}", flush=True)
+            print(f"{name} step {step}: loss {loss.item():.4f}, temperature {math.exp(-log_scale.item()):.4f}, "
+                  f"twins told apart {sum(told_apart[-log_every:]) / len(told_apart[-log_every:]):.2f}", flush=True)
     if name == 'convnext':
         model.logit_scale.data.copy_(log_scale.detach())  # the saved CLIP model holds the temperature it learnt
-    return model.eval(), losses
+    return model.eval(), losses, sum(told_apart[-100:]) / len(told_apart[-100:])
 
 
 def dino_views(images, generator, count, out_px, scale):
@@ -391,20 +445,30 @@ def save_tower(name, model, folder, vocab_size, resolution, record):
         json.dump(record, f, indent=1)
 
 
-def pretrain_tower(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed, folder=None):
-    """One tower with its family's objective; saved to folder when given. Returns (model, losses, seconds)."""
+def pretrain_tower(name, phases, vocab_size, resolution, batch_size, seed, folder=None):
+    """One tower with its family's objective, phase after phase: phases [((steps, lr, closeup_fraction, twin_facts),
+    images [2, N, 3, S, S], caption ids [2, N, L])], the scenes and their twins (DINOv2: one phase, images only).
+    Saved to folder when given. Returns (model, the losses of every step, seconds)."""
     start = time.time()
-    if name == 'dinov2':
-        model, losses = pretrain_dino(images.flatten(0, 1), resolution, steps, batch_size, lr, seed, dino_prototypes)
-    else:
-        model, losses = pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps, batch_size, lr, seed)
+    model, losses, record = None, [], []
+    for (steps, lr, closeup_fraction, twin_facts), images, tokens in phases:
+        if name == 'dinov2':
+            assert len(phases) == 1, "DINOv2's pretraining is one phase"
+            model, phase_losses = pretrain_dino(images.flatten(0, 1), resolution, steps, batch_size, lr, seed, dino_prototypes)
+            told_apart = None
+        else:
+            model, phase_losses, told_apart = pretrain_contrastive(name, images, tokens, vocab_size, resolution, steps,
+                                                                   batch_size, lr, seed, model)
+        losses += phase_losses
+        record.append(dict(steps=steps, learning_rate=lr, closeup_fraction=closeup_fraction, twin_facts=list(twin_facts),
+                           first_loss=phase_losses[0], last_loss=phase_losses[-1], twins_told_apart=told_apart))
     seconds = time.time() - start
     if folder:
         save_tower(name, model, folder, vocab_size, resolution, dict(
             objective={'siglip': 'sigmoid image-text', 'clip': 'softmax image-text (InfoNCE)',
-                       'convnext': 'softmax image-text (InfoNCE)', 'dinov2': 'DINO self-distillation'}[name],
-            resolution=resolution, steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed,
-            seconds=round(seconds, 1), threads=torch.get_num_threads(), first_loss=losses[0], last_loss=losses[-1]))
+                       'convnext': 'softmax image-text (InfoNCE), text tower locked', 'dinov2': 'DINO self-distillation'}[name],
+            resolution=resolution, steps=len(losses), batch_size=batch_size, seed=seed, seconds=round(seconds, 1),
+            threads=torch.get_num_threads(), first_loss=losses[0], last_loss=losses[-1], phases=record))
     return model, losses, seconds
 
 # -----------------------------------------------------------------------------
@@ -606,15 +670,17 @@ if __name__ == '__main__':
         print(f"probe matrix in {time.time() - start:.0f} s ({torch.get_num_threads()} threads), "
               f"written to {os.path.join(out_dir, 'probe.json')}")
     else:
-        start = time.time()
-        images, (scenes, twin_scenes) = render_lab(seed, num_scenes, image_px, twins=True,
-                                                   closeup_fraction=closeup_fraction)  # [2, N, 3, S, S]
-        vocab = caption_vocab()
-        tokens = torch.stack([tokenize([tower_caption(s) for s in some], vocab) for some in (scenes, twin_scenes)])
-        print(f"rendered {num_scenes} lab scenes at {image_px} px in {time.time() - start:.0f} s")
+        vocab, renders = caption_vocab(), {}  # {(closeup_fraction, twin_facts): (images, tokens)}, shared by phases
         for name in names:
-            i = ENCODER_ORDER.index(name)
-            _, losses, seconds = pretrain_tower(name, images, tokens, len(vocab), resolution[name], tower_steps[i],
-                                                tower_batch_size[i], tower_learning_rate[i], seed, os.path.join(out_dir, name))
+            phases = []
+            for spec in tower_phases[name]:
+                if spec[2:] not in renders:
+                    start = time.time()
+                    renders[spec[2:]] = render_pairs(seed, num_scenes, image_px, *spec[2:], vocab)
+                    print(f"rendered {num_scenes} lab scenes and twins at {image_px} px (close-ups {spec[2]}, twins "
+                          f"change {'/'.join(spec[3])}) in {time.time() - start:.0f} s")
+                phases.append((spec, *renders[spec[2:]]))
+            _, losses, seconds = pretrain_tower(name, phases, len(vocab), resolution[name],
+                                                tower_batch_size[ENCODER_ORDER.index(name)], seed, os.path.join(out_dir, name))
             print(f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {seconds:.0f} s "
                   f"({torch.get_num_threads()} threads), saved to {os.path.join(out_dir, name)}", flush=True)
