@@ -27,7 +27,8 @@ departure from open_clip's recipe made because this tower is tiny (docs/log.md h
 
 Measured on 2 cores (pretrain.json in each folder): on 2026-12-04, the ViTs one after another beside the first
 ConvNeXt, 40-80 s to render the scenes and twins, then siglip 183 s, clip 158 s, dinov2 154 s; on 2026-12-05, idle,
-CONVNEXT_TIME. The probe matrix: about 30 s. The shipped towers and their matrix: docs/lab.md.
+convnext 1 238 s on 2 threads after 73 s rendering its three sets. The probe matrix: about 30 s. The shipped towers
+and their matrix: docs/lab.md.
 
 Each folder loads as a real checkpoint does: mocha.Encoders(names, 'pretrained', paths={name: folder}) (HF
 save_pretrained folders of the vision model for siglip, clip, dinov2; an open_clip 'local-dir:' folder, the whole
