@@ -232,7 +232,7 @@ def build_contrastive(name, vocab_size, resolution):
         import open_clip
         model = open_clip.CLIP(**convnext_config(vocab_size, resolution))
         fan_in_init(model.visual.trunk)
-        model.lock_text_tower()  # its random init stays: the saddle below
+        model.lock_text_tower()  # its random init stays: the saddle of the module docstring
         return model, model.encode_image, model.encode_text
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     vision = build_backbone(name, 'tiny')
