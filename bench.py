@@ -16,7 +16,9 @@ Benchmarks, after nanoGPT's bench.py:
     python bench.py --table=speed --device=cuda --dtype=bfloat16
     python bench.py --table=memory      # about 3 minutes on 2 CPU cores, no GPU needed
     python bench.py --table=loader      # 40 s on 2 idle CPU cores, 50-75 s on busy ones
+    python bench.py --table=answer --device=cuda   # also times greedy answers at full size
 """
+import contextlib
 import glob
 import json
 import math
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data import IMAGE_TEXT
 from mocha import (HGA, IGNORE_INDEX, IMAGE_TOKEN_ID, LLM_SPECS, MoCHA, MoCHAConfig, MoEC, add_lora, count_flops,
                    fake_batch, fake_tensors, lean_memory_tracker)
 from released import released_hga, released_moec
@@ -53,12 +56,14 @@ memory_json = ''           # also write the memory table's rows here, as JSON
 micro_batch = 0            # > 0 replaces each config's batch_size (what fits smaller cards)
 # answer table: one answer's prefill FLOPs, MoCHA (one pass) against MoVA (routing pass + answer pass)
 answer_text_tokens = 40    # a short question in its template (a POPE question under phi: about 40 BPE tokens)
+answer_batch = 16          # on a GPU the table also times greedy answers, alone and in batches of this many
 # loader table: the stage-2 configs' data settings, timed per worker against what a GPU needs
 loader_configs = 'config/stage2.py,config/stage2_vicuna7b.py'  # + config/stage2*_lora.py: about 10 s each more
 loader_images = 48         # JPEGs written (cycled through by the samples)
 loader_samples = 192       # samples timed per pass; each pass is timed `repeats` times
 jpeg_quality = 90
 photo_noise = 24.0         # the stand-in photos' texture (std, of 255): JPEGs of COCO's mean size, 150-160 KB
+stand_in_dir = ''          # keep the stand-ins here (JPEGs, instruct.json, instruct_full.json, tokenizer/) for train.py
 gpu_tflops = 989.0         # H100 SXM dense bf16 peak
 mfu = 0.4
 exec(open('configurator.py').read())
@@ -420,6 +425,27 @@ def prefill_tflops(llm_id, connector, text_tokens, no_expert=False):
     return counted['hardware'] / 1e12, encoders / 1e12, model.num_visual_tokens
 
 
+def answer_seconds(llm_id, connector, text_tokens, batch, new_tokens, no_expert=False):
+    """Seconds of one greedy generate at full size, random weights, on `device` as eval.py runs it (float32 weights,
+    bf16 autocast): `batch` prompts of <image> + text_tokens tokens, `new_tokens` new tokens each (random weights
+    almost never end early). The best of `repeats` after a warm-up."""
+    with torch.device(device):
+        model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=llm_id, connector=connector,
+                                  llm_layers=llm_layers, encoder_layers=encoder_layers)).eval()
+    input_ids = torch.full((batch, 1 + text_tokens), 3, device=device)
+    input_ids[:, 0] = IMAGE_TOKEN_ID
+    images = torch.randint(0, 256, (batch, 3, 336, 336), dtype=torch.uint8, device=device)
+    expert_mask = (torch.zeros(batch, len(model.encoders.encoders) - 1, dtype=torch.bool, device=device)
+                   if no_expert else None)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        took = seconds(lambda: model.generate(input_ids, torch.ones_like(input_ids), images, new_tokens,
+                                              expert_mask=expert_mask))
+    del model
+    if device == 'cuda':
+        torch.cuda.empty_cache()
+    return took
+
+
 def answer_table():
     from mova import routing_question
     docs = [open(f).read() for f in ['README.md'] + sorted(glob.glob('docs/*.md'))]
@@ -437,6 +463,23 @@ def answer_table():
                        if connector == 'mova' else 0)
             name = ('MoVA-' if connector == 'mova' else 'MoCHA-') + llm_id.split('/')[-1]
             print(f"{name:<22s} {visual:7d} {routing:8.2f} {answer:8.2f} {routing + answer:8.2f} {encoders:9.2f}")
+    if device != 'cuda':
+        return
+    # a POPE answer is 'Yes' or 'No' and the end token: the prefill, then one decoding step (2 new tokens);
+    # MoVA's routing pass answers with up to 3 expert letters (eval.py gives it 8 new tokens)
+    print(f"\nms per answer on {torch.cuda.get_device_name()}, bf16 autocast, greedy, 2 new tokens (MoVA's routing "
+          f"pass: 8), one question alone and each of a batch of {answer_batch}")
+    print(f"{'model':<22s} {'routing':>8s} {'answer':>8s} {'total':>8s}   {'batched':>8s} {'routing':>8s} {'answer':>8s}")
+    for llm_id in LLM_SPECS:
+        for connector in ('moec', 'mova'):
+            cells = []
+            for batch in (1, answer_batch):
+                routing = (answer_seconds(llm_id, connector, answer_text_tokens + routing_tokens, batch, 8,
+                                          no_expert=True) / batch if connector == 'mova' else 0)
+                cells += [routing, answer_seconds(llm_id, connector, answer_text_tokens, batch, 2) / batch]
+            name = ('MoVA-' if connector == 'mova' else 'MoCHA-') + llm_id.split('/')[-1]
+            print(f"{name:<22s} {cells[0] * 1e3:8.1f} {cells[1] * 1e3:8.1f} {(cells[0] + cells[1]) * 1e3:8.1f}   "
+                  f"{(cells[2] + cells[3]) * 1e3:8.1f} {cells[2] * 1e3:8.1f} {cells[3] * 1e3:8.1f}")
 
 
 def samples_per_second(dataset, cfg, pad_id, workers):
@@ -455,7 +498,7 @@ def samples_per_second(dataset, cfg, pad_id, workers):
 
 def stand_in_dataset(folder, cfg, rng):
     """The LLaVADataset of cfg's data settings over stand-in JPEGs and conversations written to `folder`."""
-    from data import IMAGE_TEXT, LLaVADataset
+    from data import LLaVADataset
     docs = [open(f).read() for f in ['README.md'] + sorted(os.path.join('docs', n) for n in os.listdir('docs')
                                                            if n.endswith('.md'))]
     names = [f'{i:06d}.jpg' for i in range(loader_images)]
@@ -465,6 +508,16 @@ def stand_in_dataset(folder, cfg, rng):
     return LLaVADataset(instruct_json(folder, names, words, rng), folder, bpe_tokenizer(docs), cfg['template'],
                         cfg['image_size'], cfg['max_length'], sum(group_sizes),  # 1693 visual tokens at 336 px
                         image_aspect=cfg['image_aspect'])
+
+
+def full_length_json(folder, samples, copies=40):
+    """instruct_full.json: each conversation's turns `copies` more times (the image once), so max_length cuts every
+    sample, as the memory table's trace fills each one to max_length: a train.py step on it is the traced step."""
+    full = [dict(sample, conversations=sample['conversations'] + copies * [
+        dict(turn, value=turn['value'].replace(IMAGE_TEXT + '\n', '')) for turn in sample['conversations']])
+        for sample in samples]
+    with open(os.path.join(folder, 'instruct_full.json'), 'w') as f:
+        json.dump(full, f)
 
 
 def main_process_costs(dataset):
@@ -485,8 +538,12 @@ def main_process_costs(dataset):
 def loader_table():
     paths = loader_configs.split(',')
     cfg = read_config(paths[0])  # the stage-2 configs' data settings are the same but for the template's eos
-    with tempfile.TemporaryDirectory() as folder:
+    with contextlib.nullcontext(stand_in_dir) if stand_in_dir else tempfile.TemporaryDirectory() as folder:
+        os.makedirs(folder, exist_ok=True)
         dataset = stand_in_dataset(folder, cfg, np.random.default_rng(seed))
+        if stand_in_dir:
+            dataset.tokenizer.save_pretrained(os.path.join(folder, 'tokenizer'))
+            full_length_json(folder, dataset.samples)
         kilobytes = statistics.mean(os.path.getsize(os.path.join(folder, s['image'])) for s in dataset.samples) / 1e3
         image_ms, text_ms, tokens = main_process_costs(dataset)
         pad_id = dataset.tokenizer.eos_token_id

@@ -2890,13 +2890,25 @@ def test_ablate_starts_each_run_after_its_own_sources_only(tmp_path, monkeypatch
     assert command[1] == 'eval.py' and '--route=oracle' in command and '--max_steps=5' not in command
 
 
-def test_loader_table_times_one_worker_against_what_each_gpu_needs():
+def test_loader_table_times_one_worker_against_what_each_gpu_needs(tmp_path):
     """bench.py --table=loader on a tiny stand-in set (4 JPEGs, 8 samples, one pass, a 1-layer LLM for the FLOPs):
     the real LLaVADataset and collate run in the main process and in one DataLoader worker, and each config's row
-    says how many workers per GPU make what the GPU eats."""
+    says how many workers per GPU make what the GPU eats. With stand_in_dir the stand-ins stay for train.py: the
+    tokenizer, and instruct_full.json, whose every sample max_length cuts (the memory table's full-length step)."""
+    stand_in = tmp_path / 'standin'
     result = subprocess.run([sys.executable, 'bench.py', '--table=loader', '--loader_images=4', '--loader_samples=8',
-                             '--repeats=1', '--llm_layers=1', '--encoder_layers=1', '--loader_configs=config/stage2.py'],
+                             '--repeats=1', '--llm_layers=1', '--encoder_layers=1', '--loader_configs=config/stage2.py',
+                             f'--stand_in_dir={stand_in}'],
                             check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    tokenizer = AutoTokenizer.from_pretrained(stand_in / 'tokenizer')
+    samples = json.load(open(stand_in / 'instruct_full.json'))
+    assert len(samples) == 8 and all(os.path.exists(stand_in / s['image']) for s in samples)
+    for sample in samples:
+        text = json.dumps(sample['conversations'])
+        assert text.count('<image>') == 1
+        input_ids, labels = data.tokenize_conversation(sample['conversations'], tokenizer, 'phi')
+        cut_ids, _ = data.fit_to_length(input_ids, labels, 2560, 1693)
+        assert len(cut_ids) + 1692 == 2560 < len(input_ids) + 1692
     lines = result.stdout.splitlines()
     assert '8 samples' in result.stdout and 'image_aspect pad, image_size 336' in result.stdout
     worker = next(line for line in lines if line.startswith('one worker (workers=1)')).split()
