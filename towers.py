@@ -24,6 +24,8 @@ departure from open_clip's recipe made because this tower is tiny (docs/log.md h
     python towers.py --tower=clip          # one of them
     python towers.py --probe=True          # held-out linear-probe accuracy, pretrained and random towers,
                                            # printed and written to weights/towers/probe.json
+    python towers.py --probe_ckpt=out/shapes/ckpt   # the same probes of a trained MoCHA's tokens, each tower's
+                                           # after its MoEC and after HGA: where facts are lost on the way
 
 Measured on 2 cores (pretrain.json in each folder): on 2026-12-04, the ViTs one after another beside the first
 ConvNeXt, 40-80 s to render the scenes and twins, then siglip 183 s, clip 158 s, dinov2 154 s; on 2026-12-05, idle,
@@ -49,12 +51,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import shapes
-from mocha import CLIP_MEAN, CLIP_STD, ENCODER_ORDER, ENCODER_SPECS, Encoders, build_backbone
+from mocha import CLIP_MEAN, CLIP_STD, ENCODER_ORDER, ENCODER_SPECS, Encoders, MoCHA, build_backbone
 
 # -----------------------------------------------------------------------------
 # default config (python towers.py --key=value overrides)
 tower = 'all'                  # 'all' or one of siglip, convnext, clip, dinov2
 probe = False                  # True: print the probe matrix instead of pretraining
+probe_ckpt = ''                # a trained MoCHA checkpoint: the probe matrix of its tokens after the MoECs and HGA
 out_dir = 'weights/towers'
 seed = 0
 image_px = 128                 # the lab world's renders; the ViTs see them at 48 px, ConvNeXt at 96
@@ -603,6 +606,35 @@ def probe_matrix(paths, resolution, num_scenes, image_px, seed):
     return rows
 
 
+@torch.no_grad()
+def connector_tokens(model, images, batch_size=250):
+    """A trained MoCHA's tokens of each tower at three places on their way to the LLM: {(name, place): [N, T_g, d]},
+    place 'tower' (frozen, d_enc), 'MoEC' (its MoEC's output, d_llm) and 'HGA' (after HGA, Eqs. 7-9: the LLM's
+    input)."""
+    if model.config.connector != 'moec' or model.config.fusion != 'sequence':
+        raise ValueError(f"probe_ckpt: MoECs with sequence fusion only, not connector={model.config.connector!r}, "
+                         f"fusion={model.config.fusion!r}")
+    chunks = []
+    for i in range(0, len(images), batch_size):
+        tower_tokens = model.encoders(images[i:i + batch_size])                      # each [b, T_g, d_enc]
+        moec_tokens = [moec(t)[0] for moec, t in zip(model.moecs.values(), tower_tokens)]
+        hga_tokens = model.hga(torch.cat(moec_tokens, 1), model.group_sizes).split(model.group_sizes, 1)
+        chunks.append((tower_tokens, moec_tokens, hga_tokens))
+    return {(name, place): torch.cat([chunk[p][g] for chunk in chunks])
+            for g, name in enumerate(model.encoders.encoders) for p, place in enumerate(('tower', 'MoEC', 'HGA'))}
+
+
+def connector_matrix(model, num_scenes, image_px, seed):
+    """The probe matrix of what a trained MoCHA passes on, {'<tower> <place>': {factor: held-out %}}: where a fact the
+    tower reads is lost on the way, its MoEC or HGA dropped it (the same probe scenes as probe_matrix)."""
+    images, scenes = render_lab(seed + 1000, num_scenes, image_px)
+    objects, (has_pair, has_both) = object_labels(scenes, image_px), binding_labels(scenes)
+    counts = torch.tensor([len(s) for s in scenes])
+    model.eval()
+    return {f'{name} {place}': probe_tower(tokens, objects, has_pair, has_both, counts, num_scenes * 3 // 4)
+            for (name, place), tokens in connector_tokens(model, images).items()}
+
+
 def print_matrix(rows):
     print(f"{'tower':<20}" + ''.join(f'{f:>9}' for f in FACTORS))
     for label, accuracy in rows.items():
@@ -659,7 +691,11 @@ if __name__ == '__main__':
     resolution = dict(zip(ENCODER_ORDER, encoder_resolution))
     names = list(ENCODER_ORDER) if tower == 'all' else [tower]
     assert all(n in ENCODER_SPECS for n in names), f"--tower must be 'all' or one of {list(ENCODER_SPECS)}, got {tower!r}"
-    if probe:
+    if probe_ckpt:
+        start = time.time()
+        print_matrix(connector_matrix(MoCHA.from_pretrained(probe_ckpt), num_probe_scenes, image_px, seed))
+        print(f"probe matrix of {probe_ckpt} in {time.time() - start:.0f} s ({torch.get_num_threads()} threads)")
+    elif probe:
         paths = {n: os.path.join(out_dir, n) for n in names if os.path.isdir(os.path.join(out_dir, n))}
         assert paths, f"no towers in {out_dir}: run python towers.py first"
         start = time.time()
