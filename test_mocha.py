@@ -3108,21 +3108,23 @@ def test_connector_probe_reads_each_tower_before_and_after_its_moec_and_hga(pret
     model = MoCHA(MoCHAConfig(encoder_paths=paths, encoder_resolution=TOWER_RESOLUTION,
                               image_size=64, llm='weights/shapes-lm', llm_source='pretrained')).eval()
     images = towers.render_lab(2, 6, 64)[0]
-    tokens = towers.connector_tokens(model, images, batch_size=4)  # two chunks
+    tokens, gates = towers.connector_tokens(model, images, batch_size=4)  # two chunks
+    assert list(gates) == list(ENCODER_ORDER) and all(0 < g < 1 for g in gates.values())
     assert tokens['convnext', 'tower'].shape == (6, 4, model.encoders.encoders['convnext'].dim)
     assert tokens['convnext', 'MoEC'].shape == tokens['convnext', 'HGA'].shape == (6, 4, model.llm.config.hidden_size)
     with torch.no_grad():
         llm_input = model.encode_images(images)[0]
     assert torch.allclose(torch.cat([tokens[n, 'HGA'] for n in ENCODER_ORDER], 1), llm_input, atol=1e-5)
     model.hga.enabled = False
-    unmixed = towers.connector_tokens(model, images)
+    unmixed, no_gates = towers.connector_tokens(model, images)
+    assert no_gates == {}
     assert all(torch.equal(unmixed[n, 'HGA'], unmixed[n, 'MoEC']) for n in ENCODER_ORDER)
     assert not torch.allclose(unmixed['convnext', 'HGA'], tokens['convnext', 'HGA'])
     # the matrix: each row's tokens go to probe_tower (its fits are test_probe_matrix_runs_on_a_tiny_set's; here
     # each row just reports the width it was given, and the object count, to keep the suite short)
     monkeypatch.setattr(towers, 'probe_tower', lambda tokens, objects, *rest: dict(width=tokens.shape[-1],
                                                                                      scenes=tokens.shape[0]))
-    rows = towers.connector_matrix(model, num_scenes=8, image_px=64, seed=0)
+    rows, _ = towers.connector_matrix(model, num_scenes=8, image_px=64, seed=0)
     assert list(rows) == [f'{n} {place}' for n in ENCODER_ORDER for place in ('tower', 'MoEC', 'HGA')]
     d_llm = model.llm.config.hidden_size
     assert all(rows[f'{n} tower']['width'] == model.encoders.encoders[n].dim and rows[f'{n} MoEC']['width'] ==

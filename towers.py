@@ -610,29 +610,38 @@ def probe_matrix(paths, resolution, num_scenes, image_px, seed):
 def connector_tokens(model, images, batch_size=250):
     """A trained MoCHA's tokens of each tower at three places on their way to the LLM: {(name, place): [N, T_g, d]},
     place 'tower' (frozen, d_enc), 'MoEC' (its MoEC's output, d_llm) and 'HGA' (after HGA, Eqs. 7-9: the LLM's
-    input)."""
+    input); and HGA's mean gate over each tower's tokens, {name: g} (Eq. 9: how much of a token its neighbours
+    replace; {} with HGA off)."""
     if model.config.connector != 'moec' or model.config.fusion != 'sequence':
         raise ValueError(f"probe_ckpt: MoECs with sequence fusion only, not connector={model.config.connector!r}, "
                          f"fusion={model.config.fusion!r}")
-    chunks = []
+    chunks, gates = [], []
     for i in range(0, len(images), batch_size):
         tower_tokens = model.encoders(images[i:i + batch_size])                      # each [b, T_g, d_enc]
         moec_tokens = [moec(t)[0] for moec, t in zip(model.moecs.values(), tower_tokens)]
-        hga_tokens = model.hga(torch.cat(moec_tokens, 1), model.group_sizes).split(model.group_sizes, 1)
+        stats = {}
+        hga_tokens = model.hga(torch.cat(moec_tokens, 1), model.group_sizes, stats).split(model.group_sizes, 1)
         chunks.append((tower_tokens, moec_tokens, hga_tokens))
-    return {(name, place): torch.cat([chunk[p][g] for chunk in chunks])
-            for g, name in enumerate(model.encoders.encoders) for p, place in enumerate(('tower', 'MoEC', 'HGA'))}
+        gates.append(stats.get('gate_per_token'))                                   # [b, N_vis]
+    names = list(model.encoders.encoders)
+    tokens = {(name, place): torch.cat([chunk[p][g] for chunk in chunks])
+              for g, name in enumerate(names) for p, place in enumerate(('tower', 'MoEC', 'HGA'))}
+    if not model.hga.enabled:
+        return tokens, {}
+    return tokens, {name: g.mean().item() for name, g in zip(names, torch.cat(gates).split(model.group_sizes, 1))}
 
 
 def connector_matrix(model, num_scenes, image_px, seed):
-    """The probe matrix of what a trained MoCHA passes on, {'<tower> <place>': {factor: held-out %}}: where a fact the
-    tower reads is lost on the way, its MoEC or HGA dropped it (the same probe scenes as probe_matrix)."""
+    """The probe matrix of what a trained MoCHA passes on, {'<tower> <place>': {factor: held-out %}}, and HGA's mean
+    gate per tower: where a fact the tower reads is lost on the way, its MoEC or HGA dropped it (the same probe
+    scenes as probe_matrix)."""
     images, scenes = render_lab(seed + 1000, num_scenes, image_px)
     objects, (has_pair, has_both) = object_labels(scenes, image_px), binding_labels(scenes)
     counts = torch.tensor([len(s) for s in scenes])
     model.eval()
-    return {f'{name} {place}': probe_tower(tokens, objects, has_pair, has_both, counts, num_scenes * 3 // 4)
-            for (name, place), tokens in connector_tokens(model, images).items()}
+    tokens, gates = connector_tokens(model, images)
+    return {f'{name} {place}': probe_tower(t, objects, has_pair, has_both, counts, num_scenes * 3 // 4)
+            for (name, place), t in tokens.items()}, gates
 
 
 def print_matrix(rows):
@@ -693,7 +702,10 @@ if __name__ == '__main__':
     assert all(n in ENCODER_SPECS for n in names), f"--tower must be 'all' or one of {list(ENCODER_SPECS)}, got {tower!r}"
     if probe_ckpt:
         start = time.time()
-        print_matrix(connector_matrix(MoCHA.from_pretrained(probe_ckpt), num_probe_scenes, image_px, seed))
+        rows, gates = connector_matrix(MoCHA.from_pretrained(probe_ckpt), num_probe_scenes, image_px, seed)
+        print_matrix(rows)
+        print("HGA's gate, the mean over each tower's tokens (Eq. 9: the share of a token its neighbours replace): "
+              + (', '.join(f'{name} {g:.2f}' for name, g in gates.items()) or 'HGA off'))
         print(f"probe matrix of {probe_ckpt} in {time.time() - start:.0f} s ({torch.get_num_threads()} threads)")
     elif probe:
         paths = {n: os.path.join(out_dir, n) for n in names if os.path.isdir(os.path.join(out_dir, n))}
