@@ -3124,7 +3124,8 @@ def test_connector_probe_reads_each_tower_before_and_after_its_moec_and_hga(pret
     # each row just reports the width it was given, and the object count, to keep the suite short)
     monkeypatch.setattr(towers, 'probe_tower', lambda tokens, objects, *rest: dict(width=tokens.shape[-1],
                                                                                      scenes=tokens.shape[0]))
-    rows, _ = towers.connector_matrix(model, num_scenes=8, image_px=64, seed=0)
+    rows, _, scales = towers.connector_matrix(model, num_scenes=8, image_px=64, seed=0)
+    assert list(scales) == list(ENCODER_ORDER) and all(x > 0 for x in scales.values())
     assert list(rows) == [f'{n} {place}' for n in ENCODER_ORDER for place in ('tower', 'MoEC', 'HGA')]
     d_llm = model.llm.config.hidden_size
     assert all(rows[f'{n} tower']['width'] == model.encoders.encoders[n].dim and rows[f'{n} MoEC']['width'] ==

@@ -632,17 +632,18 @@ def connector_tokens(model, images, batch_size=250):
 
 
 def connector_matrix(model, num_scenes, image_px, seed):
-    """The probe matrix of what a trained MoCHA passes on, {'<tower> <place>': {factor: held-out %}}, and HGA's mean
-    gate per tower: where a fact the tower reads is lost on the way, its MoEC or HGA dropped it (the same probe
-    scenes as probe_matrix)."""
+    """The probe matrix of what a trained MoCHA passes on, {'<tower> <place>': {factor: held-out %}}: where a fact the
+    tower reads is lost on the way, its MoEC or HGA dropped it (the same probe scenes as probe_matrix). Also, per
+    tower, HGA's mean gate and the mean |x| of the MoEC's output, which the gate reads (Eq. 9)."""
     images, scenes = render_lab(seed + 1000, num_scenes, image_px)
     objects, (has_pair, has_both) = object_labels(scenes, image_px), binding_labels(scenes)
     counts = torch.tensor([len(s) for s in scenes])
     model.eval()
     tokens, gates = connector_tokens(model, images)
+    scales = {name: t.abs().mean().item() for (name, place), t in tokens.items() if place == 'MoEC'}
     torch.manual_seed(seed)  # the probes' initial weights: identical tokens probed twice differ by up to ~0.4 points
     return {f'{name} {place}': probe_tower(t, objects, has_pair, has_both, counts, num_scenes * 3 // 4)
-            for (name, place), t in tokens.items()}, gates
+            for (name, place), t in tokens.items()}, gates, scales
 
 
 def print_matrix(rows):
@@ -703,8 +704,9 @@ if __name__ == '__main__':
     assert all(n in ENCODER_SPECS for n in names), f"--tower must be 'all' or one of {list(ENCODER_SPECS)}, got {tower!r}"
     if probe_ckpt:
         start = time.time()
-        rows, gates = connector_matrix(MoCHA.from_pretrained(probe_ckpt), num_probe_scenes, image_px, seed)
+        rows, gates, scales = connector_matrix(MoCHA.from_pretrained(probe_ckpt), num_probe_scenes, image_px, seed)
         print_matrix(rows)
+        print("the MoECs' output, mean |x|: " + ', '.join(f'{name} {x:.2f}' for name, x in scales.items()))
         print("HGA's gate, the mean over each tower's tokens (Eq. 9: the share of a token its neighbours replace): "
               + (', '.join(f'{name} {g:.2f}' for name, g in gates.items()) or 'HGA off'))
         print(f"probe matrix of {probe_ckpt} in {time.time() - start:.0f} s ({torch.get_num_threads()} threads)")
