@@ -102,6 +102,8 @@ ENCODER_STEPS = [
 for paper_row in [*PAPER.values(), *(paper for _, _, paper in ENCODER_STEPS)]:
     paper_row.update(lab_gqa=paper_row['gqa'], lab_pope_mean=paper_row['pope_mean'])  # the lab's: the same direction
 HEADLINE = ('pope_mean', 'gqa', 'lab_pope_mean', 'lab_gqa')  # the metrics the paired table judges
+LAB_FACTORS = ('lab_texture', 'lab_has_texture', 'lab_binding', 'lab_count')  # paired too, without the paper's
+                                   # numbers: the lab's questions on the factors its towers differ on (docs/lab.md)
 QUICK = ('full', 'mlp', 'hga_off', 'siglip')  # --quick: the positive control and the paper's two connector claims
 # the table's columns: name -> where in a run's eval/results.json (None: computed in run_metrics)
 METRICS = {
@@ -125,6 +127,7 @@ METRICS = {
     'lab_pope_mean': None,
     'lab_gqa': ('lab_gqa', 'accuracy'),
     'lab_texture': ('lab_gqa', 'by_type', 'queryTexture'),   # "What texture does the red circle have?"
+    'lab_has_texture': ('lab_gqa', 'by_type', 'verifyTexture'),  # "Does the red circle have checked texture?"
     'lab_binding': ('lab_gqa', 'by_type', 'verifyBinding'),  # "Is the red object a circle?"
     'lab_count': ('lab_gqa', 'by_type', 'count'),            # up to 8
     'ms_per_answer': None,  # lab GQA's answering time per question, both passes for routed MoVA (runs share the cores)
@@ -295,7 +298,7 @@ def seeds_both(table, variant, baseline, name):
     return [s for s in ours if s in theirs and None not in (ours[s][name], theirs[s][name])]
 
 
-def paired(table, baseline='full', variants=None, paper=None):
+def paired(table, baseline='full', variants=None, paper=None, metrics=HEADLINE):
     """Each variant (of `variants`, None: all) against `baseline` ('full') on the seeds both ran: per headline metric
     the mean paired difference (variant - full) with its 95 % interval (t, n - 1), and a verdict against the paper's
     direction. Pairing by seed takes out what a seed does to every variant alike (the same data order and initial
@@ -305,12 +308,12 @@ def paired(table, baseline='full', variants=None, paper=None):
     and the seeds EFFECT needs.
     paper: {variant: {metric: the paper's difference}}, PAPER when the baseline is 'full'."""
     from scipy import stats
-    rows, variances = {}, {name: [] for name in HEADLINE}
+    rows, variances = {}, {name: [] for name in metrics}
     paper_rows = PAPER if paper is None and baseline == 'full' else paper or {}
     for variant in compared(table, baseline, variants):
         row, full = table[variant], table[baseline]
         rows[variant] = {}
-        for name in HEADLINE:
+        for name in metrics:
             diffs = [row['per_seed'][s][name] - full['per_seed'][s][name] for s in seeds_both(table, variant, baseline, name)]
             if len(diffs) < 2:
                 rows[variant][name] = dict(n=len(diffs), mean=statistics.mean(diffs) if diffs else None, low=None,
@@ -393,13 +396,13 @@ def question_share(table, baseline='full', variants=None):
     return share
 
 
-def paired_markdown(rows, power, baseline='full', share=None):
+def paired_markdown(rows, power, baseline='full', share=None, metrics=HEADLINE):
     """The paired table (rows: {label: paired's row}), then the power section unless power is None."""
-    lines = [f'| variant − {baseline} | ' + ' | '.join(f'{name}: difference [95 % CI] | paper | verdict' for name in HEADLINE)
-             + ' |', '|---|' + '---|---|---|' * len(HEADLINE)]
+    lines = [f'| variant − {baseline} | ' + ' | '.join(f'{name}: difference [95 % CI] | paper | verdict' for name in metrics)
+             + ' |', '|---|' + '---|---|---|' * len(metrics)]
     for variant, by_metric in rows.items():
         cells = []
-        for name in HEADLINE:
+        for name in metrics:
             d = by_metric[name]
             interval = '–' if d['low'] is None else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] (n={d['n']})"
             paper = d.get('paper')
@@ -493,6 +496,10 @@ if __name__ == '__main__':
         if steps:
             f.write('\nEncoders added one at a time (Table 5), paired by seed:\n\n' +
                     paired_markdown(steps, None, 'the encoders it adds to'))
+        factor_rows, factor_power = paired(table, metrics=LAB_FACTORS)  # about 200 questions each: wide intervals
+        if factor_rows:
+            f.write("\nThe lab's question types, paired against `full` by seed (no paper numbers):\n\n" +
+                    paired_markdown(factor_rows, factor_power, metrics=LAB_FACTORS))
     print(markdown(table))
     if rows:
         print(paired_markdown(rows, power, share=share))
@@ -500,7 +507,9 @@ if __name__ == '__main__':
         print(paired_markdown(mova_rows, mova_power, 'mova'))
     if steps:
         print(paired_markdown(steps, None, 'the encoders it adds to'))
+    if factor_rows:
+        print(paired_markdown(factor_rows, factor_power, metrics=LAB_FACTORS))
     with open(os.path.join(out_dir, 'paired.json'), 'w') as f:
         json.dump(dict(rows=rows, power=power, question_share=share, against_mova=mova_rows, mova_power=mova_power,
-                       encoder_steps=steps), f, indent=2)
+                       encoder_steps=steps, lab_factors=factor_rows, lab_factors_power=factor_power), f, indent=2)
     print(f"wrote {out_dir}/ablation.json and ablation.md")

@@ -2793,6 +2793,15 @@ def test_ablate_pairs_each_variant_with_full_by_seed_and_judges_it_against_the_p
     assert steps['siglip_convnext − siglip']['pope_mean']['paper'] == pytest.approx(87.84 - 82.27)
     # sd 1: 5 seeds detect (2.776 + 0.941) / sqrt(5) = 1.66 points, 6 seeds (2.571 + 0.920) / sqrt(6) = 1.43
     assert ablate.seeds_for(1.0, effect=1.5) == 6
+    # the lab's question types pair the same way, judged only higher or lower (the paper has no such numbers)
+    for s, d in zip(range(3), (-3, -2, -4)):
+        for variant, base in (('full', 30.0), ('siglip', 30.0 + d)):
+            runs[variant][s] = runs[variant][s] | dict(lab_binding=base, lab_count=50.0 + s)
+    rows, power = ablate.paired(ablate.ablation_table(runs, []), variants=('siglip',), metrics=ablate.LAB_FACTORS)
+    assert rows['siglip']['lab_binding']['mean'] == -3 and rows['siglip']['lab_binding']['verdict'] == 'lower'
+    assert rows['siglip']['lab_count']['verdict'] == 'not detected' and rows['siglip']['lab_texture']['n'] == 0
+    assert list(power) == ['lab_binding', 'lab_count']  # the metrics these runs have
+    assert 'lab_binding: difference' in ablate.paired_markdown(rows, power, metrics=ablate.LAB_FACTORS)
 
 
 def test_ablate_question_share_splits_the_paired_spread_into_questions_and_seeds(tmp_path, monkeypatch):
