@@ -610,25 +610,20 @@ def probe_matrix(paths, resolution, num_scenes, image_px, seed):
 def connector_tokens(model, images, batch_size=250):
     """A trained MoCHA's tokens of each tower at three places on their way to the LLM: {(name, place): [N, T_g, d]},
     place 'tower' (frozen, d_enc), 'MoEC' (its MoEC's output, d_llm) and 'HGA' (after HGA, Eqs. 7-9: the LLM's
-    input); and HGA's mean gate over each tower's tokens, {name: g} (Eq. 9: how much of a token its neighbours
-    replace; {} with HGA off)."""
+    input), as MoCHA.encode_images computes them; and HGA's mean gate over each tower's tokens, {name: g} (Eq. 9:
+    how much of a token its neighbours replace; {} with HGA off)."""
     if model.config.connector != 'moec' or model.config.fusion != 'sequence':
         raise ValueError(f"probe_ckpt: MoECs with sequence fusion only, not connector={model.config.connector!r}, "
                          f"fusion={model.config.fusion!r}")
-    chunks, gates = [], []
-    for i in range(0, len(images), batch_size):
-        tower_tokens = model.encoders(images[i:i + batch_size])                      # each [b, T_g, d_enc]
-        moec_tokens = [moec(t)[0] for moec, t in zip(model.moecs.values(), tower_tokens)]
-        stats = {}
-        hga_tokens = model.hga(torch.cat(moec_tokens, 1), model.group_sizes, stats).split(model.group_sizes, 1)
-        chunks.append((tower_tokens, moec_tokens, hga_tokens))
-        gates.append(stats.get('gate_per_token'))                                   # [b, N_vis]
-    names = list(model.encoders.encoders)
-    tokens = {(name, place): torch.cat([chunk[p][g] for chunk in chunks])
-              for g, name in enumerate(names) for p, place in enumerate(('tower', 'MoEC', 'HGA'))}
+    by_tower = tower_tokens(model.encoders, images, batch_size)                    # {name: [N, T_g, d_enc]}
+    by_moec = {name: moec(by_tower[name])[0] for name, moec in model.moecs.items()}  # {name: [N, T_g, d_llm]}
+    stats = {}
+    by_hga = model.hga(torch.cat(list(by_moec.values()), 1), model.group_sizes, stats).split(model.group_sizes, 1)
+    tokens = {(name, place): t for name, h in zip(by_tower, by_hga)
+              for place, t in (('tower', by_tower[name]), ('MoEC', by_moec[name]), ('HGA', h))}
     if not model.hga.enabled:
         return tokens, {}
-    return tokens, {name: g.mean().item() for name, g in zip(names, torch.cat(gates).split(model.group_sizes, 1))}
+    return tokens, {name: g.mean().item() for name, g in zip(by_tower, stats['gate_per_token'].split(model.group_sizes, 1))}
 
 
 def connector_matrix(model, num_scenes, image_px, seed):
