@@ -425,25 +425,18 @@ def prefill_tflops(llm_id, connector, text_tokens, no_expert=False):
     return counted['hardware'] / 1e12, encoders / 1e12, model.num_visual_tokens
 
 
-def answer_seconds(llm_id, connector, text_tokens, batch, new_tokens, no_expert=False):
-    """Seconds of one greedy generate at full size, random weights, on `device` as eval.py runs it (float32 weights,
-    bf16 autocast): `batch` prompts of <image> + text_tokens tokens, `new_tokens` new tokens each (random weights
-    almost never end early). The best of `repeats` after a warm-up."""
-    with torch.device(device):
-        model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=llm_id, connector=connector,
-                                  llm_layers=llm_layers, encoder_layers=encoder_layers)).eval()
+def answer_seconds(model, text_tokens, batch, new_tokens, no_expert=False):
+    """Seconds of one greedy generate on `device` as eval.py runs it (float32 weights, bf16 autocast): `batch`
+    prompts of <image> + text_tokens tokens, `new_tokens` new tokens each (random weights almost never end early).
+    The best of `repeats` after a warm-up."""
     input_ids = torch.full((batch, 1 + text_tokens), 3, device=device)
     input_ids[:, 0] = IMAGE_TOKEN_ID
     images = torch.randint(0, 256, (batch, 3, 336, 336), dtype=torch.uint8, device=device)
     expert_mask = (torch.zeros(batch, len(model.encoders.encoders) - 1, dtype=torch.bool, device=device)
                    if no_expert else None)
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-        took = seconds(lambda: model.generate(input_ids, torch.ones_like(input_ids), images, new_tokens,
+        return seconds(lambda: model.generate(input_ids, torch.ones_like(input_ids), images, new_tokens,
                                               expert_mask=expert_mask))
-    del model
-    if device == 'cuda':
-        torch.cuda.empty_cache()
-    return took
 
 
 def answer_table():
@@ -472,11 +465,16 @@ def answer_table():
     print(f"{'model':<22s} {'routing':>8s} {'answer':>8s} {'total':>8s}   {'batched':>8s} {'routing':>8s} {'answer':>8s}")
     for llm_id in LLM_SPECS:
         for connector in ('moec', 'mova'):
+            with torch.device(device):  # full size, random weights, built on the GPU once for its four timings
+                model = MoCHA(MoCHAConfig(encoder_source='random', llm_source='random', llm=llm_id, connector=connector,
+                                          llm_layers=llm_layers, encoder_layers=encoder_layers)).eval()
             cells = []
             for batch in (1, answer_batch):
-                routing = (answer_seconds(llm_id, connector, answer_text_tokens + routing_tokens, batch, 8,
-                                          no_expert=True) / batch if connector == 'mova' else 0)
-                cells += [routing, answer_seconds(llm_id, connector, answer_text_tokens, batch, 2) / batch]
+                routing = (answer_seconds(model, answer_text_tokens + routing_tokens, batch, 8, no_expert=True) / batch
+                           if connector == 'mova' else 0)
+                cells += [routing, answer_seconds(model, answer_text_tokens, batch, 2) / batch]
+            del model
+            torch.cuda.empty_cache()
             name = ('MoVA-' if connector == 'mova' else 'MoCHA-') + llm_id.split('/')[-1]
             print(f"{name:<22s} {cells[0] * 1e3:8.1f} {cells[1] * 1e3:8.1f} {(cells[0] + cells[1]) * 1e3:8.1f}   "
                   f"{(cells[2] + cells[3]) * 1e3:8.1f} {cells[2] * 1e3:8.1f} {cells[3] * 1e3:8.1f}")
