@@ -683,8 +683,9 @@ if profile and master and step > start_step:
     log(f"profile: {steps_timed} steps after the first in {wall:.1f} s, per step and share:")
     for part, seconds in profile_table.items():
         log(f"  {part:<40} {1000 * seconds / steps_timed:8.1f} ms {100 * seconds / wall:5.1f} %")
-# every process reports its own count: under DDP/FSDP all must stop at the same step
-print(f"rank {rank}: stopped after step {step + 1}; samples skipped as bad here: {skipped_total}", flush=True)
+# every process reports its own count: under DDP/FSDP all must stop at the same step. One write with its
+# newline, so two processes reporting at the same instant cannot splice their lines together
+print(f"rank {rank}: stopped after step {step + 1}; samples skipped as bad here: {skipped_total}\n", end='', flush=True)
 
 if export_llm and master and step + 1 == total_steps:
     # the LLM as a plain HF causal LM + tokenizer, from the checkpoint just saved (whole, whatever the
