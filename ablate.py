@@ -150,6 +150,9 @@ quick = False                      # True: only QUICK's variants (--variants is 
 jobs = os.cpu_count() or 1  # runs at once, each with cpu_count // jobs threads (one thread per run is
                              # fastest on a busy machine: 2 threads on 2 shared cores ran 5x slower)
 shapes_dir = 'data/shapes'  # written first when missing, so that parallel runs do not race to write it
+tower_cache = True          # every run of the shipped towers reads their tokens from out_dir/tower_tokens (train.py's
+                            # tower_tokens), computed once by the first: about a fifth less time a run. False: each
+                            # run computes them (the tables measured before it; the tokens differ in rounding only)
 
 # -----------------------------------------------------------------------------
 
@@ -189,6 +192,8 @@ def train_command(variant, seed, extra):
                          *overrides[1:]]
     if lm_config:
         overrides.append(f"--llm={os.path.join(lm_command(seed)[0], 'llm')}")
+    if tower_cache and not any(o.startswith('--encoder_source=') for o in overrides):  # random towers: each their own
+        overrides.append(f"--tower_tokens={os.path.join(out_dir, 'tower_tokens')}")
     return run_dir, [sys.executable, 'train.py', config, f'--out_dir={run_dir}', f'--seed={seed}',
                      '--eval_shapes_at_end=True', *overrides, *extra]
 
@@ -442,8 +447,8 @@ if __name__ == '__main__':
     for arg in sys.argv[1:]:  # ablate.py's own keys; the rest goes to train.py unchanged
         key, _, value = arg.removeprefix('--').partition('=')
         if arg.startswith('--') and key in ('config', 'lm_config', 'lm_args', 'out_dir', 'variants', 'seeds', 'jobs',
-                                            'shapes_dir', 'quick'):
-            globals()[key] = int(value) if key == 'jobs' else value == 'True' if key == 'quick' else value
+                                            'shapes_dir', 'quick', 'tower_cache'):
+            globals()[key] = int(value) if key == 'jobs' else value == 'True' if key in ('quick', 'tower_cache') else value
         else:
             extra.append(arg)
     chosen = list(QUICK) if quick else [v for v in variants.split(',') if v]

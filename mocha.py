@@ -15,6 +15,7 @@ References:
            ├─ CLIP     ─► MoEC ─┼──────────────► ─────────────► ─────────────────► LLM
            └─ DINOv2   ─► MoEC ─┘
 """
+import hashlib
 import json
 import math
 import os
@@ -263,6 +264,8 @@ class Encoders(nn.Module):
         self.trainable = trainable
         self.requires_grad_(trainable)
         self.train(False)
+        self.cached = {}  # name -> (row of each image digest, tokens [M, N_g, d_enc]): use_cached_tokens
+        self.batches_cached = self.batches_computed = 0  # with a cache: the batches it served, and those it missed
 
     def train(self, mode=True):
         return super().train(mode and self.trainable)  # frozen encoders stay in eval mode
@@ -275,6 +278,27 @@ class Encoders(nn.Module):
     def dims(self):
         return [e.dim for e in self.encoders.values()]
 
+    def fingerprints(self):
+        """Per encoder, a digest of what its tokens depend on besides the image: its weights, input size and
+        feature layer. Tokens cached under a fingerprint are valid for that tower only."""
+        prints = {}
+        for name, encoder in self.encoders.items():
+            digest = hashlib.sha1(f'{encoder.resolution} {encoder.feature_layer}'.encode())
+            for key, value in sorted(encoder.state_dict().items()):
+                digest.update(key.encode() + value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            prints[name] = digest.hexdigest()[:16]
+        return prints
+
+    def use_cached_tokens(self, cached):
+        """cached: name -> (digests, tokens [M, N_g, d_enc]), the tokens of M images (image_digests) computed once
+        for many runs (train.py's tower_tokens). A frozen tower gives an image the same tokens in every run, so
+        a batch whose images are all cached skips the towers; any other batch runs them."""
+        if self.trainable:
+            raise ValueError("cached tower tokens need frozen encoders (train_encoders=False)")
+        if set(cached) != set(self.encoders):
+            raise ValueError(f"cached tokens of {sorted(cached)}, for encoders {sorted(self.encoders)}")
+        self.cached = {name: ({d: row for row, d in enumerate(digests)}, tokens) for name, (digests, tokens) in cached.items()}
+
     def forward(self, images, skip=()):  # [B, 3, S, S] uint8, or float in [0, 1]
         """Each encoder's tokens [B, N_g, d_enc], in order; an encoder named in `skip` is not run and gives zeros
         (MoVA: an expert no image of the batch uses)."""
@@ -282,6 +306,14 @@ class Encoders(nn.Module):
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         if not images.is_floating_point() and images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
+        if self.cached and images.dtype == torch.uint8 and len(images):
+            digests = image_digests(images)
+            rows = {name: [self.cached[name][0].get(d, -1) for d in digests] for name in self.encoders}
+            if all(-1 not in r for r in rows.values()):  # every image cached for every tower: no tower runs
+                self.batches_cached += 1
+                return [torch.zeros(len(images), e.num_tokens, e.dim, device=images.device) if name in skip
+                        else self.cached[name][1][rows[name]].to(images.device) for name, e in self.encoders.items()]
+            self.batches_computed += 1
         copy_of = None
         if len(images) > 1 and not torch.is_grad_enabled():
             # answering: a benchmark asks several questions of each image, so a batch in question order holds some
@@ -297,6 +329,9 @@ class Encoders(nn.Module):
             tokens = [images.new_zeros(len(images), encoder.num_tokens, encoder.dim) if name in skip
                       else encoder(images) for name, encoder in self.encoders.items()]  # each [B_distinct, N_g, d_enc]
         return tokens if copy_of is None else [t[copy_of] for t in tokens]           # each [B, N_g, d_enc]
+
+def image_digests(images):  # [B, 3, S, S] uint8 -> B hex digests, the keys of cached tower tokens
+    return [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in images.cpu()]
 
 # -----------------------------------------------------------------------------
 # MoEC: mixture-of-experts connector (Eqs. 2-5), one per encoder
@@ -864,7 +899,7 @@ def count_flops(model, batch, backward=True):
     with fake_tensors(model.config.num_experts, device):
         # a copy of the model with fake stand-ins for its tensors: deepcopy takes what its memo holds instead of
         # copying it, so no weight is copied, and tied weights stay tied (the tokenizer is not needed)
-        memo = {id(model.tokenizer): None}
+        memo = {id(model.tokenizer): None, id(model.encoders.cached): {}}  # cached tokens: the towers' FLOPs count
         for t in [*model.parameters(), *model.buffers()]:
             stand_in = torch.empty(t.shape, dtype=t.dtype)
             memo[id(t)] = nn.Parameter(stand_in, t.requires_grad) if isinstance(t, nn.Parameter) else stand_in

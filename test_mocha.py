@@ -132,6 +132,43 @@ def test_answering_runs_each_distinct_image_once_and_gives_every_copy_its_tokens
         assert [t.shape for t in tiny_encoders(torch.empty(1, 3, 64, 64))] == [t[:1].shape for t in training]
 
 
+def test_cached_tower_tokens_stand_in_for_the_towers_only_where_every_image_is_cached():
+    """Encoders.use_cached_tokens (train.py's tower_tokens): a batch whose images are all cached, in any order and
+    with repeats, gets their cached tokens and runs no tower; a batch with one image not in the cache runs the
+    towers for all of it; a skipped encoder (MoVA) gives zeros either way. The fingerprint names the weights."""
+    from mocha import image_digests
+    torch.manual_seed(0)
+    encoders = Encoders(['siglip', 'convnext'], 'tiny', TINY_RES)
+    images = random_images(5)                                                 # [5, 3, 64, 64] uint8
+    with torch.no_grad():
+        live = encoders(images)                                              # each [5, N_g, 64]
+    cached = {name: (image_digests(images[:4]), tokens[:4] + 1.0)           # +1: tell cached tokens from computed ones
+              for name, tokens in zip(encoders.encoders, live)}
+    encoders.use_cached_tokens(cached)
+    runs = []
+    hook = encoders.encoders['siglip'].register_forward_hook(lambda module, args, out: runs.append(len(args[0])))
+    try:
+        order = [2, 0, 2, 3]
+        read = encoders(images[order], skip={'convnext'})
+        assert runs == [] and (encoders.batches_cached, encoders.batches_computed) == (1, 0)
+        torch.testing.assert_close(read[0], live[0][order] + 1.0)
+        assert not read[1].any() and read[1].shape == live[1][order].shape  # skipped: zeros
+        computed = encoders(images[[1, 4]])                                  # image 4 is not cached
+        assert runs == [2] and (encoders.batches_cached, encoders.batches_computed) == (1, 1)
+        for tokens, expected in zip(computed, live):
+            torch.testing.assert_close(tokens, expected[[1, 4]])
+    finally:
+        hook.remove()
+    prints = encoders.fingerprints()
+    with torch.no_grad():
+        next(encoders.encoders['convnext'].parameters())[0] += 1
+    assert encoders.fingerprints()['convnext'] != prints['convnext'] and encoders.fingerprints()['siglip'] == prints['siglip']
+    with pytest.raises(ValueError, match='for encoders'):
+        encoders.use_cached_tokens({'siglip': cached['siglip']})
+    with pytest.raises(ValueError, match='frozen encoders'):
+        Encoders(['siglip'], 'tiny', TINY_RES, trainable=True).use_cached_tokens({'siglip': cached['siglip']})
+
+
 def test_encoder_bad_input_is_a_clear_error(tiny_encoders):
     with pytest.raises(ValueError, match='unknown encoder'):
         Encoders(['siglip', 'eva'], 'tiny', TINY_RES)
@@ -2094,6 +2131,23 @@ def run_train(shapes, out_dir, *overrides, nproc=1, with_output=False):
     return load_file(f'{out_dir}/ckpt/model.safetensors'), losses
 
 
+def test_a_run_reads_the_tower_tokens_that_the_first_run_computed(small_shapes, tmp_path):
+    """train.py --tower_tokens=<folder> (ablate.py's runs): the first run computes each frozen tower's tokens of every
+    training image (48) into one file per tower, named by the tower's fingerprint; the next finds them and runs no
+    tower in its steps. Both read the same file, so they give the same losses, and these match a run without it to
+    float rounding (the file was computed in batches of 64, the steps' towers see batches of 4)."""
+    cache = tmp_path / 'tokens'
+    _, plain = run_train(small_shapes, tmp_path / 'plain')
+    _, first, first_output = run_train(small_shapes, tmp_path / 'first', f'--tower_tokens={cache}', with_output=True)
+    _, second, second_output = run_train(small_shapes, tmp_path / 'second', f'--tower_tokens={cache}', with_output=True)
+    assert sorted(p.name.split('-')[0] for p in cache.glob('*.safetensors')) == sorted(ENCODER_ORDER)
+    assert 'tower tokens of 48 images for siglip, convnext, clip, dinov2' in first_output
+    assert 'tower tokens of' not in second_output
+    assert '3 batches of images read from' in second_output and '0 run through the towers' in second_output
+    assert first == second
+    assert first == pytest.approx(plain, rel=1e-4)
+
+
 def test_train_checks_the_shapes_benchmarks_files_before_it_trains(tmp_path):
     """A data/shapes written by an older shapes.py lacks the GQA in words: config/shapes_lm.py says so at once,
     not after its text step."""
@@ -2862,6 +2916,11 @@ def test_ablate_runs_variants_by_seeds_into_one_table(small_shapes, tmp_path):
     assert (out / 'mlp/seed0/losses.txt').read_text() != (out / 'mlp/seed1/losses.txt').read_text()
     # each seed's variants start from that seed's text-pretrained LM
     assert f"--llm={out}/lm/seed1/llm" in (out / 'mlp/seed1/ablate_command.json').read_text()
+    # the shipped towers' tokens are computed once, under the lock, though both seeds' runs start together, and read
+    # by every run
+    logs = [(out / variant / f'seed{seed}' / 'train.log').read_text() for variant in ('mlp', 'upcycled') for seed in (0, 1)]
+    assert sum(log.count('tower tokens of') for log in logs) == 1
+    assert all(f'read from {out}/tower_tokens, 0 run through the towers' in log for log in logs)
     # a run that stopped before its scores goes on from its checkpoint: here it had finished its steps, so it only
     # answers again, with the same weights and the same scores; the other runs are read, not redone
     (out / 'mlp/seed0/eval/results.json').unlink()

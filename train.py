@@ -13,6 +13,7 @@ speed, FLOP/s, MFU, expert usage and HGA statistics to out_dir/metrics.jsonl (`p
 """
 import collections
 import dataclasses
+import fcntl
 import itertools
 import json
 import math
@@ -23,13 +24,15 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from data import IMAGE_ASPECTS, TEMPLATES, LLaVADataset, collate, dry_run_report, length_grouped
-from mocha import ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig, collapsed_experts, count_flops, lean_memory_tracker
+from data import IMAGE_ASPECTS, TEMPLATES, LLaVADataset, collate, dry_run_report, length_grouped, load_image
+from mocha import (ENCODER_ORDER, IGNORE_INDEX, MoCHA, MoCHAConfig, collapsed_experts, count_flops, image_digests,
+                   lean_memory_tracker)
 
 # -----------------------------------------------------------------------------
 # default config: stage 1 of MoCHA-Phi2 (paper Table 8). config/*.py files override these.
@@ -75,6 +78,9 @@ encoder_paths = {}         # name -> local folder (or HF id / open_clip tag) in 
 encoder_resolution = 336    # one side for every encoder, or a tuple in ENCODER_ORDER
 image_size = 336
 train_encoders = False
+tower_tokens = ''          # a folder of the frozen towers' tokens for data_json's images, one file per tower: the first
+                           # run that names it computes them, every later one reads them and skips the towers
+                           # (ablate.py: 85 runs of the same towers on the same images)
 train_connectors = True    # False: the LLM alone, on text (config/shapes_lm.py): no image path to keep in step
 encoder_lr_scale = 1.0     # trained encoders learn at learning_rate * this
 connector_lr_scale = 1.0   # the MoECs learn at learning_rate * this (LoRA: LLaVA's mm_projector_lr 2e-5 vs 2e-4)
@@ -293,7 +299,6 @@ if init_from == 'resume':  # the step now; the optimizer's state and the RNG onc
     start_step, skipped_total = train_state['step'], train_state['skipped']
 if upcycle_from and init_from != 'resume':  # paper Table 4: each MLP connector becomes an upcycled MoEC
     if os.path.isdir(upcycle_from):  # a MoCHA checkpoint with one expert per connector (num_experts=1, top_k=1)
-        from safetensors.torch import load_file
         connectors = load_file(os.path.join(upcycle_from, 'model.safetensors'))
         mlps = {name: {k.removeprefix(f'moecs.{name}.'): v for k, v in connectors.items()
                        if k.startswith(f'moecs.{name}.')} for name in model.moecs}
@@ -333,6 +338,50 @@ total_steps = max_steps or steps_per_epoch * epochs
 assert total_steps > 0, f"{len(train_indices)} samples make no optimizer step of {batch_size}x{world_size}x{gradient_accumulation_steps}"
 warmup_steps = math.ceil(warmup_ratio * total_steps)
 train_lengths = {i: dataset.estimated_length(i) for i in train_indices} if group_by_length else None
+
+
+def cached_tower_tokens(folder, batch_size=64):
+    """name -> (image digests, tokens [M, N_g, d_enc]) for every readable image of data_json, read from
+    folder/<name>-<fingerprint>.safetensors, or first computed into it in a fixed order and batch size, so that every
+    run reading the file gets the same tokens. Under a lock: runs started together compute it once."""
+    os.makedirs(folder, exist_ok=True)
+    files = {name: os.path.join(folder, f'{name}-{fingerprint}.safetensors')
+             for name, fingerprint in model.encoders.fingerprints().items()}
+    with open(os.path.join(folder, 'lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        missing = [name for name, file in files.items() if not os.path.exists(file)]
+        if missing:
+            started, digests, tokens = time.time(), [], {name: [] for name in missing}
+            paths = sorted({dataset.image_path(s) for s in dataset.samples if s.get('image')})
+            for start in range(0, len(paths), batch_size):
+                images = []
+                for path in paths[start:start + batch_size]:
+                    try:
+                        images.append(load_image(path, image_size, image_aspect))
+                    except OSError:
+                        pass  # the dataset skips (and counts) its samples
+                images = torch.stack(images)                                            # [b, 3, S, S] uint8
+                digests += image_digests(images)
+                with torch.no_grad():
+                    computed = model.encoders(images.to(device), skip=set(files) - set(missing))
+                for name, name_tokens in zip(files, computed):                          # each [b, N_g, d_enc]
+                    if name in missing:
+                        tokens[name].append(name_tokens.float().cpu())
+            digest_bytes = torch.tensor([list(bytes.fromhex(d)) for d in digests], dtype=torch.uint8)  # [M, 20]
+            for name in missing:
+                save_file({'digests': digest_bytes, 'tokens': torch.cat(tokens[name])}, files[name] + '.tmp')
+                os.replace(files[name] + '.tmp', files[name])
+            log(f"tower tokens of {len(digests)} images for {', '.join(missing)} in {time.time() - started:.0f} s: "
+                f"{', '.join(files[name] for name in missing)}")
+    cached = {}
+    for name, file in files.items():
+        saved = load_file(file)
+        cached[name] = ([bytes(row).hex() for row in saved['digests'].tolist()], saved['tokens'])
+    return cached
+
+
+if tower_tokens:
+    model.encoders.use_cached_tokens(cached_tower_tokens(tower_tokens))
 
 
 def batches_of(indices):
@@ -683,6 +732,9 @@ if profile and master and step > start_step:
     log(f"profile: {steps_timed} steps after the first in {wall:.1f} s, per step and share:")
     for part, seconds in profile_table.items():
         log(f"  {part:<40} {1000 * seconds / steps_timed:8.1f} ms {100 * seconds / wall:5.1f} %")
+if tower_tokens:
+    log(f"tower tokens: {raw_model.encoders.batches_cached} batches of images read from {tower_tokens}, "
+        f"{raw_model.encoders.batches_computed} run through the towers (an image not in it)")
 # every process reports its own count: under DDP/FSDP all must stop at the same step. One write with its
 # newline, so two processes reporting at the same instant cannot splice their lines together
 print(f"rank {rank}: stopped after step {step + 1}; samples skipped as bad here: {skipped_total}\n", end='', flush=True)
