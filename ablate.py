@@ -27,7 +27,9 @@ eval/results.json exists and whose train.py command is unchanged is read, not re
 its folder to redo it. One with the same command, a checkpoint and no results (killed, or stopped in its eval)
 goes on from its checkpoint (train.py --init_from=resume). The seed is train.py's `seed` (model init and data
 order, in both steps); the shapes world itself stays the one of shapes.py's fixed seed, so the spread over seeds
-is training noise on one world.
+is training noise on one world. The towers are frozen and the same in every run (but towers_random's), so the
+first run computes their tokens of every training image into out_dir/tower_tokens and the others read them
+(train.py's tower_tokens); --tower_cache=False has each run compute its own, as the tables before it did.
 """
 import functools
 import json
@@ -151,8 +153,9 @@ jobs = os.cpu_count() or 1  # runs at once, each with cpu_count // jobs threads 
                              # fastest on a busy machine: 2 threads on 2 shared cores ran 5x slower)
 shapes_dir = 'data/shapes'  # written first when missing, so that parallel runs do not race to write it
 tower_cache = True          # every run of the shipped towers reads their tokens from out_dir/tower_tokens (train.py's
-                            # tower_tokens), computed once by the first: about a fifth less time a run. False: each
-                            # run computes them (the tables measured before it; the tokens differ in rounding only)
+                            # tower_tokens), computed once by the first: 12-20 % less time for a run of the four
+                            # towers. False: each run computes them, as the tables before it did (the tokens differ
+                            # in rounding only; docs/ablations.md)
 
 # -----------------------------------------------------------------------------
 
