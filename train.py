@@ -360,6 +360,8 @@ def cached_tower_tokens(folder, batch_size=64):
                         images.append(load_image(path, image_size, image_aspect))
                     except OSError:
                         pass  # the dataset skips (and counts) its samples
+                if not images:
+                    continue
                 images = torch.stack(images)                                            # [b, 3, S, S] uint8
                 digests += image_digests(images)
                 with torch.no_grad():
