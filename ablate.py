@@ -153,7 +153,7 @@ jobs = os.cpu_count() or 1  # runs at once, each with cpu_count // jobs threads 
                              # fastest on a busy machine: 2 threads on 2 shared cores ran 5x slower)
 shapes_dir = 'data/shapes'  # written first when missing, so that parallel runs do not race to write it
 tower_cache = True          # every run of the shipped towers reads their tokens from out_dir/tower_tokens (train.py's
-                            # tower_tokens), computed once by the first: 12-25 % less time for a run of the four
+                            # tower_tokens), computed once by the first: 9-25 % less time for a run of the four
                             # towers. False: each run computes them, as the tables before it did (the tokens differ
                             # in rounding only; docs/ablations.md)
 
