@@ -191,7 +191,7 @@ def train_command(variant, seed, extra):
     overrides = [o.format(out_dir=out_dir, seed=seed) for o in VARIANTS[variant]]
     if overrides[:1] == ['eval.py']:
         return run_dir, [sys.executable, 'eval.py', '--benchmark=shapes', f'--shapes_dir={shapes_dir}',
-                         f"--out_dir={os.path.join(run_dir, 'eval')}", '--batch_size=16', '--max_new_tokens=16',
+                         f"--out_dir={os.path.join(run_dir, 'eval')}", '--batch_size=64', '--max_new_tokens=16',
                          *overrides[1:]]
     if lm_config:
         overrides.append(f"--llm={os.path.join(lm_command(seed)[0], 'llm')}")

@@ -319,10 +319,11 @@ def collate(batch, pad_token_id, image_size=None):
     return batch_out
 
 
-def length_grouped(order, lengths, batch_size, batches_per_group, generator):
+def length_grouped(order, lengths, batch_size, batches_per_group, generator=None):
     """The samples of `order` regrouped so that each batch holds samples of about the same length: each
     run of batches_per_group batches in `order` is sorted longest first and cut into batches, then all the
-    batches are shuffled (with `generator`). Less padding per batch; the samples of each epoch stay the same.
+    batches are shuffled (with `generator`; None keeps them in order, so each run's batches stay together, as
+    the micro-batches of one optimizer step). Less padding per batch; the samples of each epoch stay the same.
     Samples past the last whole batch are dropped. As the Hugging Face Trainer's group_by_length, which
     sorts groups of 50 batches, except that it keeps the batches in order within a group."""
     whole = len(order) // batch_size * batch_size
@@ -331,7 +332,7 @@ def length_grouped(order, lengths, batch_size, batches_per_group, generator):
     for start in range(0, whole, group):
         chunk = sorted(order[start:min(start + group, whole)], key=lambda i: -lengths[i])
         batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    shuffled = torch.randperm(len(batches), generator=generator).tolist() if generator else range(len(batches))
     return [i for b in shuffled for i in batches[b]]
 
 

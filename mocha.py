@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch._subclasses.fake_tensor import is_fake
 
 IMAGE_TOKEN_ID = -200  # LLaVA's <image> placeholder inside input_ids: no real token can have it
 IGNORE_INDEX = -100    # labels that the LM loss skips
@@ -683,7 +684,12 @@ class MoCHA(nn.Module):
         stats = {} if with_stats else None
         inputs_embeds, attention_mask, labels, balance_loss, z_loss = self.splice(
             input_ids, attention_mask, labels, images, stats=stats, expert_mask=expert_mask)
-        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits  # [B, L', V]
+        if not is_fake(attention_mask) and (attention_mask[:, 1:] > attention_mask[:, :-1]).any():  # (FLOP counts)
+            raise ValueError("forward takes right-padded batches (data.collate's): a row has padding before a token")
+        # right padding: causal attention alone keeps every real token from the padding after it, so the LLM
+        # needs no padding mask, and its attention runs the causal kernel without one (the padding's own outputs
+        # are never learned from)
+        logits = self.llm(inputs_embeds=inputs_embeds).logits  # [B, L', V]
         # next-token cross-entropy over the learned positions (labels shifted by one)
         targets = labels[:, 1:].flatten()
         lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets,

@@ -589,6 +589,15 @@ def test_mixed_batch_gives_each_sample_the_same_logits_as_alone(tiny_mocha):
             torch.testing.assert_close(together[b, :alone.shape[0]], alone, atol=1e-4, rtol=1e-4)
 
 
+def test_forward_refuses_left_padding(tiny_mocha):
+    """forward runs the LLM without a padding mask: in right-padded rows (data.collate's) causal attention keeps
+    each token from the padding after it (the test above: the same logits as alone). In a left-padded row tokens
+    would attend to the padding before them, so such a batch is an error, not a wrong loss."""
+    ids, mask = batch_of([[3, 8, 9, 10], [3, 8]], left=True)
+    with pytest.raises(ValueError, match='right-padded'):
+        tiny_mocha(ids, mask, None, None)
+
+
 def test_generation_with_and_without_image_is_greedy_and_ignores_left_padding(tiny_mocha):
     model = tiny_mocha.eval()
     images = random_images(2, seed=3)
@@ -1437,6 +1446,11 @@ def test_length_grouped_batches_hold_samples_of_about_the_same_length():
     assert sorted(batches) == sorted(expected) and batches != expected
     padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)
     assert padded(batches) < 0.7 * padded([order[b:b + 16] for b in range(0, whole, 16)])
+    # no generator (sort_micro_batches): each group's batches stay in order, so a group is one optimizer step's
+    # micro-batches, longest first, holding that step's samples
+    in_order = data.length_grouped(order, lengths, 16, 2)
+    assert in_order == [i for start in range(0, whole, 32)
+                        for i in sorted(order[start:min(start + 32, whole)], key=lambda i: -lengths[i])]
 
 
 def test_collate_pads_right_and_masks(word_tokenizer):
@@ -2115,6 +2129,7 @@ def run_train(shapes, out_dir, *overrides, nproc=1, with_output=False):
     args = ['config/shapes.py', f'--out_dir={out_dir}', f'--data_json={shapes}/pretrain.json',
             f'--image_folder={shapes}/images', f'--tokenizer={shapes}/tokenizer', '--prepare_shapes_data=False',
             '--eval_shapes_at_end=False', '--num_workers=0', '--batch_size=4', '--max_steps=3',
+            '--gradient_accumulation_steps=1', '--sort_micro_batches=False',
             '--log_interval=1', '--train_encoders=False', '--template=plain', '--stage=1', '--val_fraction=0.0',
             '--llm=tiny', '--llm_source=tiny', '--encoder_source=tiny', '--encoder_resolution=(48, 64, 48, 48)',
             '--image_size=64', *overrides]  # random tiny towers, as cheap as they come: these runs test the loop
@@ -2585,6 +2600,17 @@ def test_metrics_plot_and_explain_from_a_short_run(small_shapes, tmp_path):
     assert isinstance(answer, str)
     assert os.path.getsize(tmp_path / 'explain.png') > 10_000
     assert Image.open(tmp_path / 'explain.png').size == (400 * 5, 460)      # four MoEC panels and HGA's
+
+
+def test_sorted_micro_batches_hold_the_samples_of_one_batch(small_shapes, tmp_path):
+    """sort_micro_batches (config/shapes.py's): a step of two micro-batches of 2 sorted by length learns from the
+    samples of one batch of 4, so the first step's LM loss, taken before any update, is the same (each learned
+    token weighs alike in both); the MoEC balance loss is the micro-batches' mean, so the total loss is not."""
+    _, _, one = run_train(small_shapes, tmp_path / 'one', '--batch_size=4', '--max_steps=1', with_output=True)
+    _, _, two = run_train(small_shapes, tmp_path / 'two', '--batch_size=2', '--gradient_accumulation_steps=2',
+                          '--sort_micro_batches=True', '--max_steps=1', with_output=True)
+    first_lm = lambda output: float(re.search(r'step 1/1 loss \S+ lm (\S+)', output).group(1))
+    assert first_lm(one) == pytest.approx(first_lm(two), abs=2e-4)
 
 
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_shapes, tmp_path):

@@ -70,6 +70,9 @@ max_skipped_fraction = 0.01  # dry_run exits non-zero when more samples than thi
 num_workers = 4
 group_by_length = 0        # batches of samples of about the same length, sorted in runs of this many batches
                            # (less padding); 0 = off, the samples in shuffled order
+sort_micro_batches = False # each optimizer step's samples sorted by length into its gradient_accumulation_steps
+                           # micro-batches: less padding, and the step learns from the same samples as without
+                           # (its MoEC balance loss is then the micro-batches' mean, as under any accumulation)
 # model
 stage = 1                  # 1: MoECs (align); 2: MoECs + LLM (instruct)
 encoders = ENCODER_ORDER
@@ -337,7 +340,7 @@ steps_per_epoch = micro_steps_per_epoch // gradient_accumulation_steps
 total_steps = max_steps or steps_per_epoch * epochs
 assert total_steps > 0, f"{len(train_indices)} samples make no optimizer step of {batch_size}x{world_size}x{gradient_accumulation_steps}"
 warmup_steps = math.ceil(warmup_ratio * total_steps)
-train_lengths = {i: dataset.estimated_length(i) for i in train_indices} if group_by_length else None
+train_lengths = {i: dataset.estimated_length(i) for i in train_indices} if group_by_length or sort_micro_batches else None
 
 
 def cached_tower_tokens(folder, batch_size=64):
@@ -413,6 +416,8 @@ def batches_from(step):
         order = [train_indices[i] for i in torch.randperm(len(train_indices), generator=shuffle).tolist()]
         if group_by_length:  # whole global batches (all processes' micro-batches) of about the same length
             order = length_grouped(order, train_lengths, batch_size * world_size, group_by_length, shuffle)
+        elif sort_micro_batches:  # each step's global batch sorted, its micro-batches kept in order
+            order = length_grouped(order, train_lengths, batch_size * world_size, gradient_accumulation_steps)
         per_process = order[rank::world_size][:micro_steps_per_epoch * batch_size]
         for batch in batches_of(per_process[start * batch_size:]):
             yield batch
