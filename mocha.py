@@ -684,7 +684,8 @@ class MoCHA(nn.Module):
         stats = {} if with_stats else None
         inputs_embeds, attention_mask, labels, balance_loss, z_loss = self.splice(
             input_ids, attention_mask, labels, images, stats=stats, expert_mask=expert_mask)
-        if not is_fake(attention_mask) and (attention_mask[:, 1:] > attention_mask[:, :-1]).any():  # (FLOP counts)
+        # (fake tensors, as train.py and bench.py count FLOPs on, hold no values to check)
+        if not is_fake(attention_mask) and (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
             raise ValueError("forward takes right-padded batches (data.collate's): a row has padding before a token")
         # right padding: causal attention alone keeps every real token from the padding after it, so the LLM
         # needs no padding mask, and its attention runs the causal kernel without one (the padding's own outputs

@@ -2611,6 +2611,8 @@ def test_sorted_micro_batches_hold_the_samples_of_one_batch(small_shapes, tmp_pa
                           '--sort_micro_batches=True', '--max_steps=1', with_output=True)
     first_lm = lambda output: float(re.search(r'step 1/1 loss \S+ lm (\S+)', output).group(1))
     assert first_lm(one) == pytest.approx(first_lm(two), abs=2e-4)
+    both = run_dry('--group_by_length=2', '--sort_micro_batches=True')  # one regrouping or the other, said so
+    assert both.returncode != 0 and 'one or the other' in both.stderr
 
 
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_shapes, tmp_path):

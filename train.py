@@ -152,6 +152,8 @@ if lora_rank and stage != 2:
     raise ValueError(f"lora_rank={lora_rank}: LoRA adapts the LLM, which only stage 2 trains")
 if (routing_from or eval_route) and connector != 'mova':
     raise ValueError(f"routing_from and eval_route are MoVA's routing, and connector={connector!r}")
+if group_by_length and sort_micro_batches:
+    raise ValueError("group_by_length regroups samples across steps, sort_micro_batches within a step: one or the other")
 
 # distributed setup: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE
 distributed = int(os.environ.get('RANK', -1)) != -1
