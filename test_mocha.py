@@ -2615,6 +2615,17 @@ def test_sorted_micro_batches_hold_the_samples_of_one_batch(small_shapes, tmp_pa
     assert both.returncode != 0 and 'one or the other' in both.stderr
 
 
+def test_data_seed_moves_the_data_order_and_leaves_the_init(small_shapes, tmp_path):
+    """data_seed seeds the shuffle apart from `seed`, which still seeds the weights: with no update (learning rate
+    0) two runs of one seed end with the same weights, and a data_seed of its own gives other batches, so other
+    losses."""
+    weights, losses = run_train(small_shapes, tmp_path / 'seed', '--learning_rate=0.0')
+    moved_weights, moved_losses = run_train(small_shapes, tmp_path / 'moved', '--learning_rate=0.0', '--data_seed=5')
+    assert weights.keys() == moved_weights.keys()
+    assert all(torch.equal(weights[k], moved_weights[k]) for k in weights)
+    assert len(losses) == len(moved_losses) == 3 and losses != moved_losses
+
+
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(small_shapes, tmp_path):
     """group_by_length sorts whole global batches (4 samples here, from one process or two) by length."""
     _, one = run_train(small_shapes, tmp_path / 'one', '--batch_size=4', '--group_by_length=2')

@@ -130,6 +130,8 @@ dtype = 'bfloat16'         # autocast dtype; 'float32' turns autocast off
 parallel = 'ddp'           # 'ddp' | 'fsdp'
 gradient_checkpointing = True
 seed = 1337
+data_seed = -1             # the shuffle's seed; -1: `seed`, which also seeds the weights (set both apart to
+                           # tell a seed's init from its data order)
 config_keys = [k for k, v in globals().items()  # the lower-case globals above (constants are upper-case)
                if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, dict))]
 defaults = {k: globals()[k] for k in config_keys}
@@ -414,7 +416,7 @@ def batches_from(step):
     micro_step = step * gradient_accumulation_steps
     while True:
         epoch, start = divmod(micro_step, micro_steps_per_epoch)
-        shuffle = torch.Generator().manual_seed(seed + epoch)
+        shuffle = torch.Generator().manual_seed((seed if data_seed < 0 else data_seed) + epoch)
         order = [train_indices[i] for i in torch.randperm(len(train_indices), generator=shuffle).tolist()]
         if group_by_length:  # whole global batches (all processes' micro-batches) of about the same length
             order = length_grouped(order, train_lengths, batch_size * world_size, group_by_length, shuffle)
