@@ -130,8 +130,8 @@ dtype = 'bfloat16'         # autocast dtype; 'float32' turns autocast off
 parallel = 'ddp'           # 'ddp' | 'fsdp'
 gradient_checkpointing = True
 seed = 1337
-data_seed = -1             # the shuffle's seed; -1: `seed`, which also seeds the weights (set both apart to
-                           # tell a seed's init from its data order)
+data_seed = -1             # the data's seed (the shuffle, MoVA's labelled samples); -1: `seed`, which also seeds
+                           # the weights (set both apart to tell a seed's init from its data order)
 config_keys = [k for k, v in globals().items()  # the lower-case globals above (constants are upper-case)
                if k.islower() and not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, dict))]
 defaults = {k: globals()[k] for k in config_keys}
@@ -168,7 +168,8 @@ if distributed:
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
-torch.manual_seed(seed)
+torch.manual_seed(seed)  # the weights
+data_order_seed = seed if data_seed < 0 else data_seed
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 autocast = (nullcontext() if dtype == 'float32' else
             torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)))
@@ -220,7 +221,7 @@ if routing_from and not dry_run:  # MoVA's routing data: labelled once, by a MoV
         from mova import write_routing_data
         started = time.time()
         counts = write_routing_data(MoCHA.from_pretrained(routing_from).to(device), data_json, image_folder,
-                                    routing_dir, max_samples=routing_samples, seed=seed)
+                                    routing_dir, max_samples=routing_samples, seed=data_order_seed)
         log(f"routing data in {routing_dir} ({time.time() - started:.0f} s), labelled by {routing_from}: answers with "
             f"each expert letter or none: {dict(sorted(counts.items()))}")
     if distributed:
@@ -416,7 +417,7 @@ def batches_from(step):
     micro_step = step * gradient_accumulation_steps
     while True:
         epoch, start = divmod(micro_step, micro_steps_per_epoch)
-        shuffle = torch.Generator().manual_seed((seed if data_seed < 0 else data_seed) + epoch)
+        shuffle = torch.Generator().manual_seed(data_order_seed + epoch)
         order = [train_indices[i] for i in torch.randperm(len(train_indices), generator=shuffle).tolist()]
         if group_by_length:  # whole global batches (all processes' micro-batches) of about the same length
             order = length_grouped(order, train_lengths, batch_size * world_size, group_by_length, shuffle)
